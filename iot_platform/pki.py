@@ -1,0 +1,410 @@
+"""Platform PKI with `cryptography` only: CA, broker/service/device certificates, CRL.
+
+Layout of the certs directory (keys are mode 0600, the CA key is encrypted at rest):
+
+    ca.crt  ca.key  crl.pem  broker.crt  broker.key
+    services/{name}.crt|.key     devices/{device_id}.crt[|.key]
+
+The CRL file is the ledger of revocations: revoking re-signs the existing entries plus
+the new one, and refreshing re-signs the same entries with a new nextUpdate.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+CA_COMMON_NAME = "IoT Platform CA"
+MIN_RSA_BITS = 2048
+ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+class PKIError(Exception):
+    """A PKI operation failed; the message is safe to show to an operator."""
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """What an operator needs to know about a certificate; never holds a private key."""
+
+    common_name: str
+    serial_hex: str
+    fingerprint_sha256: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    cert_path: Path
+    key_path: Path | None
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def validate_device_id(device_id: str) -> str:
+    """Device ids become MQTT topic levels and ACL usernames: keep them to a safe alphabet."""
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
+        raise PKIError(
+            f"invalid device id {device_id!r}: use 1-64 characters from A-Z a-z 0-9 _ -, "
+            "starting with a letter or digit"
+        )
+    return device_id
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write key material atomically, created with mode 0600 (never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _check_public_key_strength(public_key: object) -> None:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < MIN_RSA_BITS:
+            raise PKIError(
+                f"RSA key of {public_key.key_size} bits is too weak (min {MIN_RSA_BITS})"
+            )
+        return
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if not isinstance(public_key.curve, ACCEPTED_CURVES):
+            raise PKIError(f"elliptic curve {public_key.curve.name} is not accepted")
+        return
+    raise PKIError(f"unsupported key type {type(public_key).__name__}: use EC P-256 or RSA")
+
+
+class CertificateAuthority:
+    """The platform CA rooted in ``certs_dir``; the key is loaded with the passphrase."""
+
+    def __init__(self, certs_dir: Path, passphrase: str) -> None:
+        if not passphrase:
+            raise PKIError("the CA passphrase is empty: set IOT_CA_PASSPHRASE or _FILE")
+        self.certs_dir = Path(certs_dir)
+        self._passphrase = passphrase.encode()
+
+    # ---- paths -------------------------------------------------------------
+    @property
+    def ca_cert_path(self) -> Path:
+        return self.certs_dir / "ca.crt"
+
+    @property
+    def ca_key_path(self) -> Path:
+        return self.certs_dir / "ca.key"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.certs_dir / "crl.pem"
+
+    def service_paths(self, name: str) -> tuple[Path, Path]:
+        return (
+            self.certs_dir / "services" / f"{name}.crt",
+            self.certs_dir / "services" / f"{name}.key",
+        )
+
+    def device_paths(self, device_id: str) -> tuple[Path, Path]:
+        devices = self.certs_dir / "devices"
+        return devices / f"{device_id}.crt", devices / f"{device_id}.key"
+
+    # ---- CA ----------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.ca_cert_path.exists() and self.ca_key_path.exists()
+
+    def create(self, *, days: int = 3650) -> bool:
+        """Create the CA unless one exists; returns True if it was created. Never overwrites."""
+        if self.ca_cert_path.exists() or self.ca_key_path.exists():
+            if not self.exists():
+                raise PKIError(f"incomplete CA in {self.certs_dir}: ca.crt/ca.key half present")
+            self.load()  # proves the passphrase matches
+            return False
+        key = ec.generate_private_key(ec.SECP384R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME)])
+        now = utcnow()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA384())
+        )
+        encrypted = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(self._passphrase),
+        )
+        _write_private(self.ca_key_path, encrypted)
+        _write_public(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return True
+
+    def load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        try:
+            cert = x509.load_pem_x509_certificate(self.ca_cert_path.read_bytes())
+            key_bytes = self.ca_key_path.read_bytes()
+        except FileNotFoundError:
+            raise PKIError(f"no CA in {self.certs_dir}: run `iot-platform pki init`") from None
+        try:
+            key = serialization.load_pem_private_key(key_bytes, password=self._passphrase)
+        except (ValueError, TypeError):
+            raise PKIError("cannot decrypt the CA key: wrong CA passphrase") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise PKIError("the CA key is not an EC key")
+        return cert, key
+
+    # ---- leaf certificates -------------------------------------------------
+    def _sign_leaf(
+        self,
+        *,
+        common_name: str,
+        public_key: object,
+        server_hosts: list[str] | None,
+        days: int,
+        not_before: dt.datetime | None,
+    ) -> x509.Certificate:
+        ca_cert, ca_key = self.load()
+        start = not_before or (utcnow() - dt.timedelta(minutes=5))
+        end = start + dt.timedelta(days=days)
+        if end > ca_cert.not_valid_after_utc:
+            raise PKIError(
+                f"validity of {days} days ends after the CA expires "
+                f"({ca_cert.not_valid_after_utc:%Y-%m-%d})"
+            )
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server_hosts else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(public_key)  # type: ignore[arg-type]
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+        )
+        if server_hosts:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([_san(host) for host in server_hosts]), critical=False
+            )
+        return builder.sign(ca_key, hashes.SHA256())
+
+    def _issue_with_new_key(
+        self,
+        common_name: str,
+        cert_path: Path,
+        key_path: Path,
+        *,
+        server_hosts: list[str] | None = None,
+        days: int,
+        not_before: dt.datetime | None = None,
+    ) -> IssuedCertificate:
+        key = _new_key()
+        cert = self._sign_leaf(
+            common_name=common_name,
+            public_key=key.public_key(),
+            server_hosts=server_hosts,
+            days=days,
+            not_before=not_before,
+        )
+        _write_private(key_path, _key_pem(key))
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return _describe(cert, cert_path, key_path)
+
+    def issue_broker_certificate(self, hosts: list[str], *, days: int = 825) -> IssuedCertificate:
+        return self._issue_with_new_key(
+            hosts[0],
+            self.certs_dir / "broker.crt",
+            self.certs_dir / "broker.key",
+            server_hosts=hosts,
+            days=days,
+        )
+
+    def issue_service_certificate(self, name: str, *, days: int = 825) -> IssuedCertificate:
+        cert_path, key_path = self.service_paths(validate_device_id(name))
+        return self._issue_with_new_key(name, cert_path, key_path, days=days)
+
+    def issue_device_certificate(
+        self, device_id: str, *, days: int = 365, not_before: dt.datetime | None = None
+    ) -> IssuedCertificate:
+        """Development path: the platform generates the device key (mode 0600 in certs/devices)."""
+        cert_path, key_path = self.device_paths(validate_device_id(device_id))
+        return self._issue_with_new_key(
+            device_id, cert_path, key_path, days=days, not_before=not_before
+        )
+
+    def sign_device_csr(
+        self, device_id: str, csr_pem: str | bytes, *, days: int = 365
+    ) -> IssuedCertificate:
+        """Production path: the device keeps its key and sends a CSR whose CN is its id."""
+        validate_device_id(device_id)
+        data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
+        try:
+            csr = x509.load_pem_x509_csr(data)
+        except ValueError:
+            raise PKIError("the CSR is not a valid PEM certificate signing request") from None
+        try:
+            valid_signature = csr.is_signature_valid
+        except (ValueError, InvalidSignature):
+            valid_signature = False
+        if not valid_signature:
+            raise PKIError("the CSR signature does not verify: it was altered or not self-signed")
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = str(cns[0].value) if cns else ""
+        if cn != device_id:
+            raise PKIError(f"the CSR common name {cn!r} differs from the device id {device_id!r}")
+        public_key = csr.public_key()
+        _check_public_key_strength(public_key)
+        cert = self._sign_leaf(
+            common_name=device_id,
+            public_key=public_key,
+            server_hosts=None,
+            days=days,
+            not_before=None,
+        )
+        cert_path, _ = self.device_paths(device_id)
+        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        return _describe(cert, cert_path, None)
+
+    # ---- revocation --------------------------------------------------------
+    def load_crl(self) -> x509.CertificateRevocationList | None:
+        if not self.crl_path.exists():
+            return None
+        return x509.load_pem_x509_crl(self.crl_path.read_bytes())
+
+    def write_crl(
+        self,
+        *,
+        revoke_serials: dict[int, x509.ReasonFlags] | None = None,
+        days: int = 7,
+    ) -> x509.CertificateRevocationList:
+        """Re-sign the CRL: existing entries plus ``revoke_serials``, nextUpdate = now + days."""
+        ca_cert, ca_key = self.load()
+        now = utcnow()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=days))
+        )
+        already: set[int] = set()
+        existing = self.load_crl()
+        if existing is not None:
+            for entry in existing:
+                builder = builder.add_revoked_certificate(entry)
+                already.add(entry.serial_number)
+        for serial, reason in (revoke_serials or {}).items():
+            if serial in already:
+                continue
+            entry = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(now)
+                .add_extension(x509.CRLReason(reason), critical=False)
+                .build()
+            )
+            builder = builder.add_revoked_certificate(entry)
+        crl = builder.sign(ca_key, hashes.SHA384())
+        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        return crl
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _describe(cert: x509.Certificate, cert_path: Path, key_path: Path | None) -> IssuedCertificate:
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    return IssuedCertificate(
+        common_name=str(cn),
+        serial_hex=format(cert.serial_number, "x"),
+        fingerprint_sha256=fingerprint(cert),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+        cert_path=cert_path,
+        key_path=key_path,
+    )
+
+
+def init_pki(
+    ca: CertificateAuthority, *, broker_hosts: list[str], services: list[str], crl_days: int
+) -> list[str]:
+    """Create whatever is missing (CA, broker and service certificates, CRL); return what was made.
+
+    Idempotent: an existing CA is kept (and its passphrase checked), existing leaf
+    certificates are kept, and the CRL is re-signed so its nextUpdate is fresh.
+    """
+    created: list[str] = []
+    if ca.create():
+        created.append("ca")
+    if not (ca.certs_dir / "broker.crt").exists():
+        ca.issue_broker_certificate(broker_hosts)
+        created.append("broker")
+    for name in services:
+        if not ca.service_paths(name)[0].exists():
+            ca.issue_service_certificate(name)
+            created.append(f"service:{name}")
+    ca.write_crl(days=crl_days)
+    return created

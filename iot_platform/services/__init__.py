@@ -1,0 +1,1 @@
+"""Local service processes (PostgreSQL, Mosquitto) shared by the embedded stack and tests."""

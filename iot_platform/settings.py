@@ -1,0 +1,148 @@
+"""Platform settings: every environment variable the platform reads, in one place.
+
+Each setting has a safe local default for the embedded stack. Secrets may be given
+inline (``NAME``) or as a path (``NAME_FILE``, e.g. a Docker/Kubernetes secret);
+they are never logged (see ``Secret.__repr__``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value that does not print itself."""
+
+    value: str = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+def env_str(name: str, default: str) -> str:
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_int(name: str, default: int, *, minimum: int | None = None) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a number") from None
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}={value} must be >= {minimum}")
+    return value
+
+
+def env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in {"1", "true", "yes", "on"}:
+        return True
+    if raw in {"0", "false", "no", "off"}:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def env_secret(name: str) -> Secret | None:
+    """Read ``NAME`` or, if unset, the file named by ``NAME_FILE`` (trailing newline stripped)."""
+    inline = os.environ.get(name)
+    if inline:
+        return Secret(inline)
+    path = os.environ.get(f"{name}_FILE", "").strip()
+    if not path:
+        return None
+    try:
+        return Secret(Path(path).read_text().rstrip("\r\n"))
+    except OSError as exc:
+        raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+
+
+def require_secret(name: str) -> Secret:
+    secret = env_secret(name)
+    if secret is None:
+        raise SettingsError(f"set {name} or {name}_FILE")
+    return secret
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    """Non-secret platform settings. Secrets are read on demand with ``env_secret``."""
+
+    home: Path
+    certs_dir: Path
+    broker_host: str
+    broker_port: int
+    broker_service_name: str
+    broker_max_inflight: int
+    broker_max_queued: int
+    crl_days: int
+    device_cert_days: int
+    pg_host: str
+    pg_port: int
+    pg_user: str
+    pg_database: str
+    dagster_database: str
+    dagster_host: str
+    dagster_port: int
+    object_store: str
+    local_store_dir: Path
+    s3_endpoint: str
+    s3_bucket: str
+    s3_secure: bool
+
+    @classmethod
+    def from_env(cls) -> PlatformSettings:
+        home = Path(env_str("IOT_HOME", str(Path.cwd() / ".iot"))).resolve()
+        object_store = env_str("IOT_OBJECT_STORE", "local")
+        if object_store not in {"local", "s3"}:
+            raise SettingsError(f"IOT_OBJECT_STORE={object_store!r} must be 'local' or 's3'")
+        return cls(
+            home=home,
+            certs_dir=Path(env_str("IOT_CERTS_DIR", str(Path.cwd() / "certs"))).resolve(),
+            broker_host=env_str("IOT_BROKER_HOST", "127.0.0.1"),
+            broker_port=env_int("IOT_BROKER_PORT", 8883, minimum=1),
+            broker_service_name=env_str("IOT_BROKER_SERVICE_NAME", "mosquitto"),
+            broker_max_inflight=env_int("IOT_BROKER_MAX_INFLIGHT", 50_000, minimum=0),
+            broker_max_queued=env_int("IOT_BROKER_MAX_QUEUED", 1_000_000, minimum=0),
+            crl_days=env_int("IOT_CRL_DAYS", 7, minimum=1),
+            device_cert_days=env_int("IOT_DEVICE_CERT_DAYS", 365, minimum=1),
+            pg_host=env_str("IOT_PG_HOST", "127.0.0.1"),
+            pg_port=env_int("IOT_PG_PORT", 54329, minimum=1),
+            pg_user=env_str("IOT_PG_USER", "iot"),
+            pg_database=env_str("IOT_PG_DB", "iot"),
+            dagster_database=env_str("IOT_DAGSTER_DB", "dagster"),
+            dagster_host=env_str("IOT_DAGSTER_HOST", "127.0.0.1"),
+            dagster_port=env_int("IOT_DAGSTER_PORT", 3000, minimum=1),
+            object_store=object_store,
+            local_store_dir=Path(env_str("IOT_LOCAL_STORE_DIR", str(home / "objects"))).resolve(),
+            s3_endpoint=env_str("IOT_S3_ENDPOINT", "127.0.0.1:9000"),
+            s3_bucket=env_str("IOT_S3_BUCKET", "iot-raw"),
+            s3_secure=env_bool("IOT_S3_SECURE", False),
+        )
