@@ -7,6 +7,7 @@ so the embedded stack and docker compose enforce identical TLS and ACL rules.
 from __future__ import annotations
 
 import getpass
+import os
 import shutil
 import signal
 from dataclasses import dataclass
@@ -77,6 +78,23 @@ def mosquitto_binary() -> str:
     raise ServiceError("mosquitto not found: apt-get install mosquitto")
 
 
+def reload_broker(pid_file: Path) -> int:
+    """SIGHUP the broker whose ``pid_file`` we wrote; returns the PID signalled.
+
+    This is how a revocation reaches a running broker: Mosquitto re-reads its CRL for
+    new connections on SIGHUP.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"cannot read the broker PID from {pid_file}: {exc}") from None
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise ServiceError(f"broker PID {pid} from {pid_file} is not running") from None
+    return pid
+
+
 class MosquittoBroker:
     """A broker process for one rendered config; ``reload()`` re-reads the CRL (SIGHUP)."""
 
@@ -92,6 +110,10 @@ class MosquittoBroker:
         ).start()
         self.process.wait_for_port("127.0.0.1", self.config.port, timeout=timeout)
         return self
+
+    @property
+    def pid_file(self) -> Path:
+        return self.config.data_dir / "mosquitto.pid"
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads its config and CRL for new connections."""

@@ -1,0 +1,1 @@
+"""Dagster definitions split by concern: resources, assets, sensors, checks, jobs."""

@@ -1,0 +1,242 @@
+"""The embedded stack: every service as a child of one supervisor process (`iot-platform up`).
+
+State lives under ``IOT_HOME`` (default ``.iot/``): PostgreSQL data, broker config and
+persistence, Dagster home, logs and generated local secrets. A second start reuses it.
+Ctrl-C or SIGTERM stops the children in reverse start order, each by its PID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import FrameType
+
+from iot_platform.pki import CertificateAuthority, init_pki
+from iot_platform.services.mosquitto import INGEST_IDENTITY, BrokerConfig, MosquittoBroker
+from iot_platform.services.postgres import PostgresServer
+from iot_platform.services.process import ChildProcess, ServiceError, port_is_open
+from iot_platform.settings import PlatformSettings, Secret, env_secret
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SERVICE_IDENTITIES = [INGEST_IDENTITY]
+
+
+def local_secret(settings: PlatformSettings, env_name: str, filename: str) -> Secret:
+    """The secret from env/``*_FILE`` if given, else one generated once under ``IOT_HOME``.
+
+    Generated secrets are 0600 files in ``.iot/secrets`` (git-ignored), so the embedded
+    stack needs no configuration and no secret is ever committed.
+    """
+    given = env_secret(env_name)
+    if given is not None:
+        return given
+    path = settings.home / "secrets" / filename
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+    return Secret(path.read_text().strip())
+
+
+def certificate_authority(settings: PlatformSettings) -> CertificateAuthority:
+    passphrase = local_secret(settings, "IOT_CA_PASSPHRASE", "ca_passphrase")
+    return CertificateAuthority(settings.certs_dir, passphrase.value)
+
+
+def broker_config(settings: PlatformSettings) -> BrokerConfig:
+    broker_home = settings.home / "mosquitto"
+    return BrokerConfig(
+        port=settings.broker_port,
+        certs_dir=settings.certs_dir,
+        config_dir=broker_home / "config",
+        data_dir=broker_home / "data",
+        bind_address=settings.broker_host,
+        max_inflight=settings.broker_max_inflight,
+        max_queued=settings.broker_max_queued,
+    )
+
+
+def prepare_pki(settings: PlatformSettings) -> list[str]:
+    hosts = ["localhost", "127.0.0.1", settings.broker_service_name]
+    if settings.broker_host not in hosts:
+        hosts.append(settings.broker_host)
+    return init_pki(
+        certificate_authority(settings),
+        broker_hosts=hosts,
+        services=SERVICE_IDENTITIES,
+        crl_days=settings.crl_days,
+    )
+
+
+class EmbeddedStack:
+    """Starts, watches and stops the embedded services."""
+
+    def __init__(self, settings: PlatformSettings) -> None:
+        self.settings = settings
+        self.logs = settings.home / "logs"
+        self.pg_password = local_secret(settings, "IOT_PG_PASSWORD", "pg_password")
+        self.postgres = PostgresServer(
+            settings.home / "postgres",
+            port=settings.pg_port,
+            password=self.pg_password.value,
+            user=settings.pg_user,
+            host=settings.pg_host,
+        )
+        self.broker = MosquittoBroker(broker_config(settings), log_path=self.logs / "mosquitto.log")
+        self.children: list[tuple[str, ChildProcess]] = []
+        self._stopping = False
+
+    # ---- lifecycle -----------------------------------------------------------
+    def check_ports(self) -> None:
+        s = self.settings
+        for name, host, port in (
+            ("IOT_PG_PORT", s.pg_host, s.pg_port),
+            ("IOT_BROKER_PORT", s.broker_host, s.broker_port),
+            ("IOT_DAGSTER_PORT", s.dagster_host, s.dagster_port),
+        ):
+            if port_is_open(host, port):
+                raise ServiceError(
+                    f"{host}:{port} is already in use: stop that process or set {name}"
+                )
+
+    def start(self) -> None:
+        self.check_ports()
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        created = prepare_pki(self.settings)
+        if created:
+            log.info("PKI: created %s in %s", ", ".join(created), self.settings.certs_dir)
+        self.postgres.start()
+        self.children.append(("postgres", self.postgres.process))  # type: ignore[arg-type]
+        for database in (self.settings.pg_database, self.settings.dagster_database):
+            if self.postgres.ensure_database(database):
+                log.info("created database %s", database)
+        self.broker.start()
+        self.children.append(("mosquitto", self.broker.process))  # type: ignore[arg-type]
+        self._start_dagster()
+
+    def _dagster_env(self) -> dict[str, str]:
+        s = self.settings
+        dagster_home = s.home / "dagster_home"
+        dagster_home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+        env = dict(os.environ)
+        env.update(
+            DAGSTER_HOME=str(dagster_home),
+            IOT_HOME=str(s.home),
+            IOT_CERTS_DIR=str(s.certs_dir),
+            IOT_PG_HOST=s.pg_host,
+            IOT_PG_PORT=str(s.pg_port),
+            IOT_PG_USER=s.pg_user,
+            IOT_PG_PASSWORD=self.pg_password.value,
+            IOT_PG_DB=s.pg_database,
+            IOT_DAGSTER_DB=s.dagster_database,
+            IOT_BROKER_PID_FILE=str(self.broker.pid_file),
+        )
+        # Dagster resources read secrets through dg.EnvVar: hand them over inline, in the
+        # child's environment only (never in run config, logs or files we write).
+        env["IOT_CA_PASSPHRASE"] = local_secret(s, "IOT_CA_PASSPHRASE", "ca_passphrase").value
+        return env
+
+    def _start_dagster(self) -> None:
+        s = self.settings
+        env = self._dagster_env()
+        bindir = Path(sys.executable).parent
+        workspace = str(PROJECT_ROOT / "workspace.yaml")
+        webserver = ChildProcess(
+            "dagster-webserver",
+            [
+                str(bindir / "dagster-webserver"),
+                "-h",
+                s.dagster_host,
+                "-p",
+                str(s.dagster_port),
+                "-w",
+                workspace,
+            ],
+            self.logs / "dagster-webserver.log",
+            env=env,
+            cwd=PROJECT_ROOT,
+        ).start()
+        self.children.append(("dagster-webserver", webserver))
+        daemon = ChildProcess(
+            "dagster-daemon",
+            [str(bindir / "dagster-daemon"), "run", "-w", workspace],
+            self.logs / "dagster-daemon.log",
+            env=env,
+            cwd=PROJECT_ROOT,
+        ).start()
+        self.children.append(("dagster-daemon", daemon))
+        webserver.wait_until(
+            lambda: _http_ok(f"{self.dagster_url}/server_info"), timeout=180, what="HTTP 200"
+        )
+
+    @property
+    def dagster_url(self) -> str:
+        return f"http://{self.settings.dagster_host}:{self.settings.dagster_port}"
+
+    def summary(self) -> str:
+        s = self.settings
+        return "\n".join(
+            [
+                "IoT platform is up (Ctrl-C stops everything):",
+                f"  Dagster UI   {self.dagster_url}",
+                f"  MQTT (mTLS)  mqtts://{s.broker_host}:{s.broker_port}"
+                f"  (CA {s.certs_dir / 'ca.crt'})",
+                f"  PostgreSQL   postgresql://{s.pg_user}@{s.pg_host}:{s.pg_port}/{s.pg_database}"
+                f"  (password: {s.home / 'secrets' / 'pg_password'})",
+                f"  State, logs  {s.home}  ({self.logs})",
+            ]
+        )
+
+    def watch(self) -> int:
+        """Block until a signal or a child's unexpected exit; returns the exit code."""
+
+        def request_stop(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self._stopping = True
+
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, request_stop)
+        while not self._stopping:
+            for name, child in self.children:
+                if not child.running():
+                    log.error("%s exited unexpectedly; see %s", name, child.log_path)
+                    return 1
+            time.sleep(0.5)
+        return 0
+
+    def stop(self) -> None:
+        for _name, child in reversed(self.children):
+            child.stop()
+        self.children.clear()
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own loopback URL
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def run_embedded(settings: PlatformSettings) -> int:
+    stack = EmbeddedStack(settings)
+    try:
+        stack.start()
+        print(stack.summary(), flush=True)
+        return stack.watch()
+    except ServiceError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        stack.stop()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install everything the platform needs on a fresh Debian 12 machine, idempotently:
+# apt packages (mosquitto, postgresql), the Python venv at .venv/, and — with --dev —
+# the test tools and the TimescaleDB test double's node packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEV=0
+[[ "${1:-}" == "--dev" ]] && DEV=1
+
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || need_apt+=(mosquitto)
+command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need_apt+=(postgresql)
+if (( DEV )); then
+  command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+fi
+if (( ${#need_apt[@]} )); then
+  echo "==> apt-get install ${need_apt[*]}"
+  as_root apt-get update -qq
+  # The postgresql package would start its own cluster on 5432; we run ours as children.
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
+fi
+
+PYTHON="${PYTHON:-python3}"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || { echo "Python >= 3.11 required (set PYTHON=...)" >&2; exit 1; }
+if [[ ! -x .venv/bin/python ]]; then
+  echo "==> creating .venv"
+  "$PYTHON" -m venv .venv
+fi
+extras=""
+(( DEV )) && extras="[dev]"
+echo "==> pip install -e .${extras}"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+
+if (( DEV )); then
+  echo "==> npm ci (TimescaleDB test double)"
+  npm ci --silent --no-audit --no-fund --legacy-peer-deps --prefix tests/timescale_double
+fi

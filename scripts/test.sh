@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# README test command: install what is missing (incl. test tools), lint, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh --dev
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "==> pytest"
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,223 @@
+"""`iot-platform up` as the README runs it: every service answers, Ctrl-C leaves nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from cryptography import x509
+
+from iot_platform.pki import CertificateAuthority
+from iot_platform.services.process import free_port
+from tests.mqtt_helpers import open_session
+
+pytestmark = pytest.mark.integration
+READY_LINE = "IoT platform is up"
+
+
+def _descendants(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc), to prove nothing outlives the stack."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Stack:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 240) -> str:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "iot_platform.cli", "up"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                pytest.fail("iot-platform up exited early:\n" + "".join(self.output))
+            self.output.append(line)
+            if READY_LINE in line:
+                summary = [line]
+                for _ in range(4):
+                    summary.append(self.proc.stdout.readline())
+                self.output.extend(summary[1:])
+                return "".join(summary)
+        pytest.fail("iot-platform up not ready in time:\n" + "".join(self.output))
+
+    def interrupt(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        rest, _ = self.proc.communicate(timeout=90)
+        self.output.append(rest)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def stack_env() -> Iterator[dict[str, str]]:
+    home = Path(tempfile.mkdtemp(prefix="iot-stack-"))
+    home.chmod(0o755)  # PostgreSQL runs as user `postgres` when the suite runs as root
+    env = dict(os.environ)
+    env.update(
+        IOT_HOME=str(home / "state"),
+        IOT_CERTS_DIR=str(home / "certs"),
+        IOT_PG_PORT=str(free_port()),
+        IOT_BROKER_PORT=str(free_port()),
+        IOT_DAGSTER_PORT=str(free_port()),
+    )
+    for name in (
+        "IOT_CA_PASSPHRASE",
+        "IOT_CA_PASSPHRASE_FILE",
+        "IOT_PG_PASSWORD",
+        "IOT_PG_PASSWORD_FILE",
+        "DAGSTER_HOME",
+    ):
+        env.pop(name, None)
+    yield env
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _graphql(url: str, query: str) -> dict:
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def _wait_daemon_healthy(url: str, timeout: float = 90) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    statuses: list[dict] = []
+    while time.monotonic() < deadline:
+        body = _graphql(
+            url,
+            "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }",
+        )
+        if body.get("data"):
+            statuses = body["data"]["instance"]["daemonHealth"]["allDaemonStatuses"]
+            if statuses and all(s["healthy"] for s in statuses if s["required"]):
+                return statuses
+        time.sleep(2)
+    pytest.fail(f"dagster daemon not healthy: {statuses or body}")
+
+
+def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
+    stack = Stack(stack_env)
+    summary = stack.start()
+    assert stack.proc is not None
+    children = _descendants(stack.proc.pid)
+    try:
+        url = re.search(r"Dagster UI\s+(http://\S+)", summary).group(1)
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+        _wait_daemon_healthy(url)
+
+        home = Path(stack_env["IOT_HOME"])
+        password = (home / "secrets" / "pg_password").read_text().strip()
+        with psycopg.connect(
+            host="127.0.0.1",
+            port=int(stack_env["IOT_PG_PORT"]),
+            user="iot",
+            password=password,
+            dbname="iot",
+        ) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+
+        ca = CertificateAuthority(
+            Path(stack_env["IOT_CERTS_DIR"]),
+            (home / "secrets" / "ca_passphrase").read_text().strip(),
+        )
+        device_id = f"stack-{secrets.token_hex(3)}"
+        issued = ca.issue_device_certificate(device_id)
+        cert, key = ca.device_paths(device_id)
+        port = int(stack_env["IOT_BROKER_PORT"])
+        session = open_session(
+            "127.0.0.1",
+            port,
+            client_id=device_id,
+            ca_file=ca.ca_cert_path,
+            cert_file=cert,
+            key_file=key,
+        )
+        assert session.connected.is_set(), session.reason
+        session.close()
+
+        ca.write_crl(revoke_serials={int(issued.serial_hex, 16): x509.ReasonFlags.key_compromise})
+        reload = subprocess.run(
+            [sys.executable, "-m", "iot_platform.cli", "broker", "reload"],
+            env=stack_env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert reload.returncode == 0, reload.stderr
+        time.sleep(1)
+        refused = open_session(
+            "127.0.0.1",
+            port,
+            client_id=f"{device_id}-2",
+            ca_file=ca.ca_cert_path,
+            cert_file=cert,
+            key_file=key,
+        )
+        assert not refused.connected.is_set()
+    finally:
+        code = stack.interrupt()
+    assert code == 0, "".join(stack.output)
+    assert len(children) >= 4
+    time.sleep(1)
+    assert [pid for pid in children if _alive(pid)] == []
+
+    # A second start reuses the data: no initdb, no new CA, same databases.
+    ca_before = Path(stack_env["IOT_CERTS_DIR"], "ca.crt").read_bytes()
+    again = Stack(stack_env)
+    again.start()
+    try:
+        log = "".join(again.output)
+        assert "created database" not in log and "PKI: created" not in log
+        assert Path(stack_env["IOT_CERTS_DIR"], "ca.crt").read_bytes() == ca_before
+    finally:
+        assert again.interrupt() == 0
