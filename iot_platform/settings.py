@@ -116,6 +116,7 @@ class PlatformSettings:
     s3_endpoint: str
     s3_bucket: str
     s3_secure: bool
+    s3_timeout_s: float
 
     @classmethod
     def from_env(cls) -> PlatformSettings:
@@ -145,4 +146,5 @@ class PlatformSettings:
             s3_endpoint=env_str("IOT_S3_ENDPOINT", "127.0.0.1:9000"),
             s3_bucket=env_str("IOT_S3_BUCKET", "iot-raw"),
             s3_secure=env_bool("IOT_S3_SECURE", False),
+            s3_timeout_s=env_float("IOT_S3_TIMEOUT_S", 10.0, minimum=0.5),
         )

@@ -44,9 +44,11 @@ def open_session(
     cert_file: Path | None,
     key_file: Path | None,
     timeout: float = 10.0,
+    max_inflight: int = 20,
 ) -> Session:
     """Connect and wait until CONNACK or a refusal (paho only reports refusal as a disconnect)."""
     client = tls_client(client_id, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+    client.max_inflight_messages_set(max_inflight)  # paho allows this only before connecting
     session = Session(client)
 
     def on_connect(_c, _u, _flags, reason_code, _props) -> None:
@@ -88,7 +90,9 @@ def open_session(
     return session
 
 
-def device_session(broker, device_id: str, *, client_id: str | None = None) -> Session:
+def device_session(
+    broker, device_id: str, *, client_id: str | None = None, max_inflight: int = 20
+) -> Session:
     cert, key = broker.ca.device_paths(device_id)
     return open_session(
         broker.host,
@@ -97,6 +101,7 @@ def device_session(broker, device_id: str, *, client_id: str | None = None) -> S
         ca_file=broker.ca.ca_cert_path,
         cert_file=cert,
         key_file=key,
+        max_inflight=max_inflight,
     )
 
 

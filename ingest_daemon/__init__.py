@@ -1,0 +1,1 @@
+"""MQTT -> raw Parquet micro-batches -> object store. Imports no Dagster (DESIGN §2)."""
