@@ -1,1 +1,1 @@
-pytest_plugins = ["tests.fixtures.services", "tests.fixtures.ingest"]
+pytest_plugins = ["tests.fixtures.services", "tests.fixtures.ingest", "tests.fixtures.timescale"]
