@@ -29,6 +29,9 @@ DEFAULT_TOPICS = (
 )
 
 
+DEFAULT_METRICS_PORT = 9108
+
+
 def _default_instance() -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:48] or "ingest"
 
@@ -93,7 +96,7 @@ class IngestSettings:
             spool_dir=Path(env_str("INGEST_SPOOL_DIR", str(platform.home / "spool" / instance))),
             spool_max_bytes=env_int("INGEST_SPOOL_MAX_BYTES", 1024**3, minimum=0),
             metrics_host=env_str("INGEST_METRICS_HOST", "127.0.0.1"),
-            metrics_port=env_int("INGEST_METRICS_PORT", 9108, minimum=0),
+            metrics_port=env_int("INGEST_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0),
             shutdown_timeout_s=env_float("INGEST_SHUTDOWN_TIMEOUT_S", 30.0, minimum=1),
         )
         settings.check_files()

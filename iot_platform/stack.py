@@ -18,11 +18,12 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from ingest_daemon.config import DEFAULT_METRICS_PORT
 from iot_platform.pki import CertificateAuthority, init_pki
 from iot_platform.services.mosquitto import INGEST_IDENTITY, BrokerConfig, MosquittoBroker
 from iot_platform.services.postgres import PostgresServer
 from iot_platform.services.process import ChildProcess, ServiceError, port_is_open
-from iot_platform.settings import PlatformSettings, Secret, env_secret
+from iot_platform.settings import PlatformSettings, Secret, env_int, env_secret
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class EmbeddedStack:
             host=settings.pg_host,
         )
         self.broker = MosquittoBroker(broker_config(settings), log_path=self.logs / "mosquitto.log")
+        self.ingest_metrics_port = env_int("INGEST_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1)
         self.children: list[tuple[str, ChildProcess]] = []
         self._stopping = False
 
@@ -103,6 +105,7 @@ class EmbeddedStack:
             ("IOT_PG_PORT", s.pg_host, s.pg_port),
             ("IOT_BROKER_PORT", s.broker_host, s.broker_port),
             ("IOT_DAGSTER_PORT", s.dagster_host, s.dagster_port),
+            ("INGEST_METRICS_PORT", "127.0.0.1", self.ingest_metrics_port),
         ):
             if port_is_open(host, port):
                 raise ServiceError(
@@ -122,18 +125,50 @@ class EmbeddedStack:
                 log.info("created database %s", database)
         self.broker.start()
         self.children.append(("mosquitto", self.broker.process))  # type: ignore[arg-type]
+        self._start_ingest()
         self._start_dagster()
+
+    def _platform_env(self) -> dict[str, str]:
+        """What every child needs to find the platform; secrets are added per child."""
+        s = self.settings
+        env = dict(os.environ)
+        env.update(
+            IOT_HOME=str(s.home),
+            IOT_CERTS_DIR=str(s.certs_dir),
+            IOT_BROKER_HOST=s.broker_host,
+            IOT_BROKER_PORT=str(s.broker_port),
+            IOT_OBJECT_STORE=s.object_store,
+            IOT_LOCAL_STORE_DIR=str(s.local_store_dir),
+        )
+        return env
+
+    def _start_ingest(self) -> None:
+        env = self._platform_env()
+        env["INGEST_METRICS_PORT"] = str(self.ingest_metrics_port)
+        ingest = ChildProcess(
+            "ingest",
+            [sys.executable, "-m", "ingest_daemon"],
+            self.logs / "ingest.log",
+            env=env,
+            cwd=PROJECT_ROOT,
+        ).start()
+        self.children.append(("ingest", ingest))
+        ingest.wait_until(
+            lambda: _http_ok(f"{self.ingest_url}/healthz"), timeout=60, what="MQTT connected"
+        )
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_metrics_port}"
 
     def _dagster_env(self) -> dict[str, str]:
         s = self.settings
         dagster_home = s.home / "dagster_home"
         dagster_home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
-        env = dict(os.environ)
+        env = self._platform_env()
         env.update(
             DAGSTER_HOME=str(dagster_home),
-            IOT_HOME=str(s.home),
-            IOT_CERTS_DIR=str(s.certs_dir),
             IOT_PG_HOST=s.pg_host,
             IOT_PG_PORT=str(s.pg_port),
             IOT_PG_USER=s.pg_user,
@@ -192,6 +227,8 @@ class EmbeddedStack:
                 f"  Dagster UI   {self.dagster_url}",
                 f"  MQTT (mTLS)  mqtts://{s.broker_host}:{s.broker_port}"
                 f"  (CA {s.certs_dir / 'ca.crt'})",
+                f"  Ingest       {self.ingest_url}/metrics  (raw batches: "
+                f"{s.local_store_dir if s.object_store == 'local' else s.s3_endpoint})",
                 f"  PostgreSQL   postgresql://{s.pg_user}@{s.pg_host}:{s.pg_port}/{s.pg_database}"
                 f"  (password: {s.home / 'secrets' / 'pg_password'})",
                 f"  State, logs  {s.home}  ({self.logs})",

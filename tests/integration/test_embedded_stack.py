@@ -20,8 +20,10 @@ import psycopg
 import pytest
 from cryptography import x509
 
+from iot_platform.objectstore import LocalDirectoryStore
 from iot_platform.pki import CertificateAuthority
 from iot_platform.services.process import free_port
+from tests.fixtures.ingest import stored_rows
 from tests.mqtt_helpers import open_session
 
 pytestmark = pytest.mark.integration
@@ -80,7 +82,7 @@ class Stack:
             self.output.append(line)
             if READY_LINE in line:
                 summary = [line]
-                for _ in range(4):
+                while "State, logs" not in summary[-1]:  # the summary's last line
                     summary.append(self.proc.stdout.readline())
                 self.output.extend(summary[1:])
                 return "".join(summary)
@@ -105,6 +107,8 @@ def stack_env() -> Iterator[dict[str, str]]:
         IOT_PG_PORT=str(free_port()),
         IOT_BROKER_PORT=str(free_port()),
         IOT_DAGSTER_PORT=str(free_port()),
+        INGEST_METRICS_PORT=str(free_port()),
+        INGEST_MAX_AGE_S="1",
     )
     for name in (
         "IOT_CA_PASSPHRASE",
@@ -183,7 +187,16 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
             key_file=key,
         )
         assert session.connected.is_set(), session.reason
+        session.client.publish(f"devices/{device_id}/temperature", b"21.5", qos=1).wait_for_publish(
+            5
+        )
         session.close()
+        # The embedded ingest daemon turns it into a raw batch in the local store.
+        store = LocalDirectoryStore(home / "objects")
+        deadline = time.monotonic() + 30
+        while not (rows := stored_rows(store)).num_rows and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert rows.column("payload").to_pylist() == [b"21.5"]
 
         ca.write_crl(revoke_serials={int(issued.serial_hex, 16): x509.ReasonFlags.key_compromise})
         reload = subprocess.run(
@@ -207,7 +220,7 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
     finally:
         code = stack.interrupt()
     assert code == 0, "".join(stack.output)
-    assert len(children) >= 4
+    assert len(children) >= 5
     time.sleep(1)
     assert [pid for pid in children if _alive(pid)] == []
 
