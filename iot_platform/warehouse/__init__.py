@@ -1,0 +1,1 @@
+"""The warehouse: schema migrations, batch loading and rollup refresh (DESIGN §6)."""

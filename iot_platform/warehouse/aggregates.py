@@ -1,0 +1,110 @@
+"""Refresh the rollups ``telemetry_1m`` -> ``telemetry_1h`` -> ``telemetry_1d`` over a window.
+
+TimescaleDB: hierarchical continuous aggregates refreshed with
+``CALL refresh_continuous_aggregate`` (it refuses to run inside a transaction, so it
+needs an autocommit connection). Plain PostgreSQL: the same columns in ordinary tables,
+recomputed for the window by delete + insert in one transaction — exact, including
+buckets whose rows a reload removed.
+
+Windows are widened to whole buckets: TimescaleDB only refreshes buckets that lie fully
+inside the window, and a partial bucket would be wrong on PostgreSQL too.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from iot_platform.warehouse.migrations import Dialect
+
+
+@dataclass(frozen=True)
+class Rollup:
+    name: str
+    source: str
+    width: dt.timedelta
+    time_column: str  # the source's time column
+
+
+ROLLUPS: dict[str, Rollup] = {
+    "telemetry_1m": Rollup("telemetry_1m", "telemetry", dt.timedelta(minutes=1), "ts"),
+    "telemetry_1h": Rollup("telemetry_1h", "telemetry_1m", dt.timedelta(hours=1), "bucket"),
+    "telemetry_1d": Rollup("telemetry_1d", "telemetry_1h", dt.timedelta(days=1), "bucket"),
+}
+
+_ROLLUP_COLUMNS = sql.SQL(", ").join(
+    map(
+        sql.Identifier,
+        ("bucket", "device_id", "metric", "count", "sum", "avg", "min", "max", "first", "last"),
+    )
+)
+_EPOCH = dt.datetime(2000, 1, 3, tzinfo=dt.UTC)  # time_bucket's origin (a Monday)
+
+
+def align(
+    start: dt.datetime, end: dt.datetime, width: dt.timedelta
+) -> tuple[dt.datetime, dt.datetime]:
+    """The smallest window of whole buckets of ``width`` covering [start, end]."""
+    lo = _EPOCH + ((start - _EPOCH) // width) * width
+    hi = _EPOCH + ((end - _EPOCH) // width + 1) * width
+    return lo, hi
+
+
+_PLAIN_FROM_TELEMETRY = """
+    SELECT date_bin(%(width)s, ts, %(origin)s) AS bucket, device_id, metric,
+           count(*), sum(value), avg(value), min(value), max(value),
+           (array_agg(value ORDER BY ts))[1], (array_agg(value ORDER BY ts DESC))[1]
+    FROM telemetry WHERE ts >= %(lo)s AND ts < %(hi)s
+    GROUP BY 1, 2, 3
+"""
+
+_PLAIN_FROM_ROLLUP = """
+    SELECT date_bin(%(width)s, bucket, %(origin)s) AS b, device_id, metric,
+           sum(count), sum(sum), sum(sum) / sum(count), min(min), max(max),
+           (array_agg(first ORDER BY bucket))[1], (array_agg(last ORDER BY bucket DESC))[1]
+    FROM {source} WHERE bucket >= %(lo)s AND bucket < %(hi)s
+    GROUP BY 1, 2, 3
+"""
+
+
+def refresh(
+    conn: psycopg.Connection,
+    dialect: Dialect,
+    name: str,
+    start: dt.datetime,
+    end: dt.datetime,
+) -> tuple[dt.datetime, dt.datetime]:
+    """Refresh rollup ``name`` for [start, end]; returns the bucket-aligned window used.
+
+    For TimescaleDB ``conn`` must be in autocommit mode.
+    """
+    rollup = ROLLUPS[name]
+    lo, hi = align(start, end, rollup.width)
+    if dialect is Dialect.TIMESCALE:
+        if not conn.autocommit:
+            raise ValueError("refresh_continuous_aggregate needs an autocommit connection")
+        conn.execute(
+            "CALL refresh_continuous_aggregate(%s::regclass, %s::timestamptz, %s::timestamptz)",
+            [rollup.name, lo, hi],
+        )
+        return lo, hi
+    select = (
+        _PLAIN_FROM_TELEMETRY
+        if rollup.source == "telemetry"
+        else _PLAIN_FROM_ROLLUP.format(source=sql.Identifier(rollup.source).as_string(conn))
+    )
+    params = {"width": rollup.width, "origin": _EPOCH, "lo": lo, "hi": hi}
+    with conn.transaction():
+        target = sql.Identifier(rollup.name)
+        conn.execute(
+            sql.SQL("DELETE FROM {} WHERE bucket >= %(lo)s AND bucket < %(hi)s").format(target),
+            params,
+        )
+        conn.execute(
+            sql.SQL("INSERT INTO {} ({}) ").format(target, _ROLLUP_COLUMNS) + sql.SQL(select),
+            params,
+        )
+    return lo, hi

@@ -1,0 +1,267 @@
+"""Versioned, idempotent warehouse migrations for both dialects (DESIGN §6).
+
+TimescaleDB is used when ``CREATE EXTENSION timescaledb`` succeeds; otherwise plain
+PostgreSQL gets the same tables, columns and names (the aggregates become ordinary tables
+that the aggregate assets upsert), so analyst SQL and dbt models run unchanged on both.
+
+Each migration has a common part and a per-dialect part; ``schema_migrations`` records
+what ran, so ``migrate`` is cheap to call on every start. Migrations run under an
+advisory lock, so concurrent callers (webserver, daemon, runs) do not race.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+
+import psycopg
+from psycopg import errors
+
+log = logging.getLogger(__name__)
+
+_LOCK_ID = 0x10_7_DA7A  # any constant shared by every migrating process
+
+
+class Dialect(StrEnum):
+    TIMESCALE = "timescaledb"
+    POSTGRES = "postgresql"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    common: str
+    timescale: str = ""
+    postgres: str = ""
+
+
+_AGGREGATE_COLUMNS = """
+    bucket timestamptz NOT NULL, device_id text NOT NULL, metric text NOT NULL,
+    count bigint NOT NULL, sum double precision NOT NULL, avg double precision NOT NULL,
+    min double precision NOT NULL, max double precision NOT NULL,
+    first double precision NOT NULL, last double precision NOT NULL,
+    PRIMARY KEY (device_id, metric, bucket)
+"""
+
+CORE = Migration(
+    1,
+    "core tables",
+    common="""
+    CREATE TABLE devices (
+        device_id text PRIMARY KEY CHECK (device_id ~ '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$'),
+        device_type text NOT NULL DEFAULT 'generic',
+        metadata jsonb NOT NULL DEFAULT '{}'::jsonb,
+        send_interval_s double precision NOT NULL DEFAULT 10,
+        hello_interval_s double precision NOT NULL DEFAULT 30,
+        enrolled_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        last_seen timestamptz
+    );
+    CREATE TABLE device_certificates (
+        serial_hex text PRIMARY KEY,
+        device_id text NOT NULL REFERENCES devices (device_id),
+        fingerprint_sha256 text NOT NULL,
+        not_before timestamptz NOT NULL,
+        not_after timestamptz NOT NULL,
+        issued_at timestamptz NOT NULL DEFAULT now(),
+        revoked_at timestamptz,
+        reason text
+    );
+    CREATE INDEX device_certificates_device ON device_certificates (device_id);
+    CREATE TABLE certificate_audit (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        at timestamptz NOT NULL DEFAULT now(),
+        action text NOT NULL,
+        serial_hex text,
+        device_id text,
+        actor text NOT NULL,
+        dagster_run_id text,
+        detail jsonb NOT NULL DEFAULT '{}'::jsonb
+    );
+    CREATE TABLE device_parameters (
+        device_id text NOT NULL,
+        mode text NOT NULL,
+        connector text NOT NULL,
+        component text NOT NULL,
+        encoding text NOT NULL
+            CHECK (encoding IN ('boolean', 'boolean_map', 'hex_to_float', 'raw_string')),
+        metric text NOT NULL,
+        unit text,
+        scale double precision,
+        PRIMARY KEY (device_id, mode, connector, component)
+    );
+    CREATE TABLE ingest_batches (
+        object_key text PRIMARY KEY,
+        batch_id bigint GENERATED ALWAYS AS IDENTITY UNIQUE,
+        partition_key text NOT NULL,
+        etag text,
+        size_bytes bigint,
+        raw_rows integer NOT NULL,
+        telemetry_rows integer NOT NULL,
+        event_rows integer NOT NULL,
+        reject_rows integer NOT NULL,
+        duplicate_rows integer NOT NULL,
+        min_ts timestamptz,
+        max_ts timestamptz,
+        refresh_from timestamptz,
+        refresh_to timestamptz,
+        loaded_at timestamptz NOT NULL DEFAULT now(),
+        load_count integer NOT NULL DEFAULT 1,
+        dagster_run_id text
+    );
+    CREATE INDEX ingest_batches_partition ON ingest_batches (partition_key);
+    CREATE INDEX ingest_batches_run ON ingest_batches (dagster_run_id);
+    CREATE TABLE telemetry (
+        ts timestamptz NOT NULL,
+        device_id text NOT NULL,
+        metric text NOT NULL,
+        value double precision NOT NULL,
+        unit text,
+        batch_id bigint NOT NULL
+    );
+    CREATE TABLE device_events (
+        ts timestamptz NOT NULL,
+        device_id text NOT NULL,
+        msg_type text NOT NULL,
+        seq bigint,
+        body jsonb NOT NULL,
+        received_at timestamptz NOT NULL,
+        batch_id bigint NOT NULL
+    );
+    CREATE INDEX device_events_device_ts ON device_events (device_id, ts);
+    CREATE INDEX device_events_batch ON device_events (batch_id);
+    CREATE TABLE device_messages (
+        device_id text NOT NULL,
+        seq bigint NOT NULL,
+        ts timestamptz NOT NULL,
+        received_at timestamptz NOT NULL,
+        msg_type text NOT NULL,
+        batch_id bigint NOT NULL
+    );
+    CREATE INDEX device_messages_device_received ON device_messages (device_id, received_at);
+    CREATE INDEX device_messages_batch ON device_messages (batch_id);
+    CREATE TABLE decode_rejects (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        batch_key text NOT NULL,
+        batch_id bigint NOT NULL,
+        received_at timestamptz NOT NULL,
+        topic text NOT NULL,
+        reason text NOT NULL,
+        detail text NOT NULL,
+        payload_excerpt text NOT NULL
+    );
+    CREATE INDEX decode_rejects_batch ON decode_rejects (batch_id);
+    CREATE INDEX decode_rejects_received ON decode_rejects (received_at);
+    CREATE TABLE device_health (
+        checked_at timestamptz NOT NULL,
+        device_id text NOT NULL,
+        check_name text NOT NULL,
+        status text NOT NULL CHECK (status IN ('ok', 'warn', 'error')),
+        detail jsonb NOT NULL DEFAULT '{}'::jsonb
+    );
+    CREATE INDEX device_health_device ON device_health (device_id, checked_at);
+    """,
+    timescale="""
+    SELECT create_hypertable('telemetry', by_range('ts', INTERVAL '1 day'));
+    CREATE UNIQUE INDEX telemetry_device_metric_ts ON telemetry (device_id, metric, ts);
+    ALTER TABLE telemetry SET (
+        timescaledb.compress,
+        timescaledb.compress_segmentby = 'device_id',
+        timescaledb.compress_orderby = 'metric, ts DESC'
+    );
+    SELECT add_compression_policy('telemetry', INTERVAL '7 days');
+    CREATE MATERIALIZED VIEW telemetry_1m
+    WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
+    SELECT time_bucket(INTERVAL '1 minute', ts) AS bucket, device_id, metric,
+           count(*) AS count, sum(value) AS sum, avg(value) AS avg,
+           min(value) AS min, max(value) AS max,
+           first(value, ts) AS first, last(value, ts) AS last
+    FROM telemetry GROUP BY 1, 2, 3 WITH NO DATA;
+    CREATE MATERIALIZED VIEW telemetry_1h
+    WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
+    SELECT time_bucket(INTERVAL '1 hour', bucket) AS bucket, device_id, metric,
+           sum(count)::bigint AS count, sum(sum) AS sum, sum(sum) / sum(count) AS avg,
+           min(min) AS min, max(max) AS max,
+           first(first, bucket) AS first, last(last, bucket) AS last
+    FROM telemetry_1m GROUP BY 1, 2, 3 WITH NO DATA;
+    CREATE MATERIALIZED VIEW telemetry_1d
+    WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
+    SELECT time_bucket(INTERVAL '1 day', bucket) AS bucket, device_id, metric,
+           sum(count)::bigint AS count, sum(sum) AS sum, sum(sum) / sum(count) AS avg,
+           min(min) AS min, max(max) AS max,
+           first(first, bucket) AS first, last(last, bucket) AS last
+    FROM telemetry_1h GROUP BY 1, 2, 3 WITH NO DATA;
+    """,
+    postgres=f"""
+    CREATE UNIQUE INDEX telemetry_device_metric_ts ON telemetry (device_id, metric, ts);
+    CREATE INDEX telemetry_ts ON telemetry (ts DESC);
+    CREATE TABLE telemetry_1m ({_AGGREGATE_COLUMNS});
+    CREATE TABLE telemetry_1h ({_AGGREGATE_COLUMNS});
+    CREATE TABLE telemetry_1d ({_AGGREGATE_COLUMNS});
+    CREATE INDEX telemetry_1m_bucket ON telemetry_1m (bucket);
+    CREATE INDEX telemetry_1h_bucket ON telemetry_1h (bucket);
+    CREATE INDEX telemetry_1d_bucket ON telemetry_1d (bucket);
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (CORE,)
+
+
+def detect_dialect(conn: psycopg.Connection) -> Dialect:
+    """TimescaleDB if the extension is (or can be) installed, else plain PostgreSQL."""
+    row = conn.execute("SELECT value FROM warehouse_meta WHERE key = 'dialect'").fetchone()
+    if row:
+        return Dialect(row[0])
+    try:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        dialect = Dialect.TIMESCALE
+    except (errors.FeatureNotSupported, errors.UndefinedFile, errors.InsufficientPrivilege) as exc:
+        log.info("TimescaleDB not available (%s); using plain PostgreSQL", exc.diag.message_primary)
+        dialect = Dialect.POSTGRES
+    conn.execute("INSERT INTO warehouse_meta (key, value) VALUES ('dialect', %s)", [dialect.value])
+    return dialect
+
+
+def migrate(conn: psycopg.Connection) -> tuple[Dialect, list[str]]:
+    """Bring the schema up to date; returns the dialect and the migrations applied now."""
+    applied_now: list[str] = []
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_ID])
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS warehouse_meta (key text PRIMARY KEY, value text NOT NULL)"
+        )
+        conn.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version integer PRIMARY KEY, name text NOT NULL, dialect text NOT NULL,
+                   applied_at timestamptz NOT NULL DEFAULT now())"""
+        )
+        dialect = detect_dialect(conn)
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for migration in MIGRATIONS:
+            if migration.version in done:
+                continue
+            specific = migration.timescale if dialect is Dialect.TIMESCALE else migration.postgres
+            for statement in _statements(migration.common + specific):
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, dialect) VALUES (%s, %s, %s)",
+                [migration.version, migration.name, dialect.value],
+            )
+            applied_now.append(f"{migration.version:03d} {migration.name}")
+            log.info("warehouse migration %03d (%s) applied", migration.version, migration.name)
+    return dialect, applied_now
+
+
+def current_dialect(conn: psycopg.Connection) -> Dialect:
+    row = conn.execute("SELECT value FROM warehouse_meta WHERE key = 'dialect'").fetchone()
+    if row is None:
+        raise RuntimeError("the warehouse is not migrated: run `iot-platform db migrate`")
+    return Dialect(row[0])
+
+
+def _statements(sql: str) -> list[str]:
+    """Split on ';' at line ends (our migrations have no ';' inside statements)."""
+    return [part.strip() for part in sql.split(";\n") if part.strip().rstrip(";").strip()]

@@ -1,0 +1,191 @@
+"""Warehouse migrations, idempotent loads and rollups on PostgreSQL and the Timescale double."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from iot_platform.objectstore import LocalDirectoryStore
+from iot_platform.warehouse.aggregates import ROLLUPS, refresh
+from iot_platform.warehouse.load import known_devices, load_object, load_parameters
+from iot_platform.warehouse.migrations import Dialect, migrate
+from tests.warehouse_data import put_batch, telemetry_messages
+
+pytestmark = pytest.mark.integration
+
+T0 = dt.datetime(2026, 11, 22, 9, 58, 0, tzinfo=dt.UTC)
+DEVICES = ["dev-a", "dev-b"]
+
+
+def _register(conn: psycopg.Connection, devices: list[str]) -> None:
+    conn.execute(
+        "INSERT INTO devices (device_id) SELECT unnest(%s::text[]) ON CONFLICT DO NOTHING",
+        [devices],
+    )
+    conn.commit()
+
+
+def _batch(store, seq: int = 1):
+    messages = telemetry_messages(DEVICES, T0, 60)  # 10 minutes across an hour boundary
+    messages += messages[:5]  # at-least-once: the same messages delivered again
+    messages.append((T0, "iot/dev-a/telemetry", b'{"v":2, broken'))
+    messages.append((T0, "devices/stranger/temp", b"21.5"))
+    return put_batch(store, messages, seq=seq)
+
+
+def _load(conn, store, info, run_id="run-1"):
+    return load_object(
+        conn,
+        store,
+        info,
+        run_id=run_id,
+        parameters=load_parameters(conn),
+        devices=known_devices(conn),
+        max_payload_bytes=256 * 1024,
+    )
+
+
+def _counts(conn) -> dict[str, int]:
+    tables = ["telemetry", "device_events", "device_messages", "decode_rejects", "ingest_batches"]
+    return {
+        t: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(t))).fetchone()[0]
+        for t in tables
+    }
+
+
+@pytest.fixture
+def warehouse(postgres_db) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(postgres_db) as conn:
+        dialect, applied = migrate(conn)
+        assert dialect is Dialect.POSTGRES and applied
+        _register(conn, DEVICES)
+        yield conn
+
+
+def test_migrate_is_idempotent(warehouse):
+    assert migrate(warehouse) == (Dialect.POSTGRES, [])
+    versions = warehouse.execute("SELECT version, dialect FROM schema_migrations").fetchall()
+    assert versions == [(1, "postgresql")]
+
+
+def test_load_twice_never_double_counts_and_explains_rejects(warehouse, tmp_path):
+    store = LocalDirectoryStore(tmp_path)
+    info = _batch(store)
+    first = _load(warehouse, store, info)
+    assert (first.telemetry_rows, first.reloaded) == (2 * 60 * 3, False)
+    assert first.rejects_by_reason == {"malformed_json": 1, "unknown_device": 1}
+    assert first.duplicate_rows == 5 * 3
+    counts = _counts(warehouse)
+    second = _load(warehouse, store, info, run_id="run-2")
+    assert second.reloaded and second.batch_id == first.batch_id
+    assert _counts(warehouse) == counts
+    ledger = warehouse.execute(
+        "SELECT load_count, dagster_run_id, telemetry_rows, reject_rows FROM ingest_batches"
+    ).fetchone()
+    assert ledger == (2, "run-2", 360, 2)
+    last_seen = warehouse.execute("SELECT device_id, last_seen FROM devices ORDER BY 1").fetchall()
+    assert all(seen is not None and seen >= T0 for _, seen in last_seen)
+
+
+def test_reload_after_a_decoder_fix_replaces_the_batch_rows(warehouse, tmp_path):
+    store = LocalDirectoryStore(tmp_path)
+    info = _batch(store)
+    _load(warehouse, store, info)
+    _register(warehouse, ["stranger"])  # enrolled later: a reload recovers its message
+    again = _load(warehouse, store, info)
+    assert again.rejects_by_reason == {"malformed_json": 1}
+    assert warehouse.execute(
+        "SELECT value FROM telemetry WHERE device_id = 'stranger'"
+    ).fetchall() == [(21.5,)]
+
+
+def _direct(conn, width: str) -> list[tuple]:
+    return conn.execute(
+        """SELECT date_bin(%s::interval, ts, '2000-01-03'::timestamptz), device_id, metric,
+                  count(*), round(avg(value)::numeric, 6), min(value), max(value)
+           FROM telemetry GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+        [width],
+    ).fetchall()
+
+
+def _rollup(conn, name: str) -> list[tuple]:
+    return conn.execute(
+        sql.SQL(
+            "SELECT bucket, device_id, metric, count, round(avg::numeric, 6), min, max FROM {}"
+            " ORDER BY 1, 2, 3"
+        ).format(sql.Identifier(name))
+    ).fetchall()
+
+
+def _refresh_all(conn, dialect) -> None:
+    lo, hi = conn.execute("SELECT min(ts), max(ts) FROM telemetry").fetchone()
+    for name in ROLLUPS:
+        refresh(conn, dialect, name, lo, hi)
+
+
+def test_rollups_equal_a_direct_group_by_on_postgres(warehouse, tmp_path):
+    store = LocalDirectoryStore(tmp_path)
+    _load(warehouse, store, _batch(store))
+    warehouse.commit()
+    _refresh_all(warehouse, Dialect.POSTGRES)
+    for name, width in (
+        ("telemetry_1m", "1 minute"),
+        ("telemetry_1h", "1 hour"),
+        ("telemetry_1d", "1 day"),
+    ):
+        assert _rollup(warehouse, name) == _direct(warehouse, width), name
+    first_last = warehouse.execute(
+        """SELECT first, last FROM telemetry_1h
+           WHERE device_id = 'dev-a' AND metric = 'voltage_dc' AND bucket = '2026-11-22 10:00Z'"""
+    ).fetchone()
+    expected = warehouse.execute(
+        """SELECT (array_agg(value ORDER BY ts))[1], (array_agg(value ORDER BY ts DESC))[1]
+           FROM telemetry WHERE device_id = 'dev-a' AND metric = 'voltage_dc'
+             AND ts >= '2026-11-22 10:00Z'"""
+    ).fetchone()
+    assert first_last == expected
+
+
+def test_timescale_dialect_gives_the_same_answers(warehouse, timescale_double, tmp_path):
+    store = LocalDirectoryStore(tmp_path)
+    info = _batch(store)
+    _load(warehouse, store, info)
+    warehouse.commit()
+    _refresh_all(warehouse, Dialect.POSTGRES)
+    expected = {name: _rollup(warehouse, name) for name in ROLLUPS}
+
+    schema = f"wh_{secrets.token_hex(4)}"
+    with timescale_double.connect(autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
+        try:
+            conn.autocommit = False
+            assert migrate(conn)[0] is Dialect.TIMESCALE
+            assert conn.execute(
+                "SELECT count(*) FROM timescaledb_information.hypertables"
+                " WHERE hypertable_name = 'telemetry' AND hypertable_schema = %s",
+                [schema],
+            ).fetchone() == (1,)
+            _register(conn, DEVICES)
+            loaded = _load(conn, store, info)
+            loaded_again = _load(conn, store, info)
+            conn.commit()
+            assert loaded.telemetry_rows == loaded_again.telemetry_rows == 360
+            conn.autocommit = True
+            _refresh_all(conn, Dialect.TIMESCALE)
+            for name in ROLLUPS:
+                got = [
+                    tuple(float(v) if isinstance(v, float) else v for v in row)
+                    for row in _rollup(conn, name)
+                ]
+                assert got == expected[name], name
+        finally:
+            conn.autocommit = True
+            conn.execute("RESET search_path")
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
