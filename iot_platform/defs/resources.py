@@ -6,12 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import ClassVar
 
 import dagster as dg
 import psycopg
 
+from iot_platform.objectstore import LocalDirectoryStore, ObjectStore, S3Store
 from iot_platform.pki import CertificateAuthority
 from iot_platform.services.mosquitto import reload_broker
+from iot_platform.settings import PlatformSettings
+from iot_platform.warehouse.migrations import Dialect, migrate
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -34,10 +38,47 @@ class WarehouseResource(dg.ConfigurableResource):
             application_name="iot-platform-dagster",
         )
 
+    # Migrated once per process and server: resources run the migration on first use.
+    _migrated: ClassVar[dict[str, Dialect]] = {}
+
     @contextmanager
     def connect(self, *, autocommit: bool = False) -> Iterator[psycopg.Connection]:
+        self.dialect()
         with psycopg.connect(self.conninfo(), autocommit=autocommit) as conn:
             yield conn
+
+    def dialect(self) -> Dialect:
+        """The warehouse dialect, migrating the schema first if this process has not yet."""
+        server = f"{self.host}:{self.port}/{self.dbname}"
+        if server not in self._migrated:
+            with psycopg.connect(self.conninfo()) as conn:
+                self._migrated[server] = migrate(conn)[0]
+        return self._migrated[server]
+
+
+class ObjectStoreResource(dg.ConfigurableResource):
+    """Where the raw batches are: a local directory (embedded) or S3/MinIO."""
+
+    backend: str = "local"
+    local_dir: str = ""
+    endpoint: str = ""
+    bucket: str = "iot-raw"
+    secure: bool = False
+    access_key: str = ""
+    secret_key: str = ""
+    timeout_s: float = 10.0
+
+    def store(self) -> ObjectStore:
+        if self.backend == "s3":
+            return S3Store(
+                self.endpoint,
+                self.access_key,
+                self.secret_key,
+                self.bucket,
+                secure=self.secure,
+                read_timeout_s=self.timeout_s,
+            )
+        return LocalDirectoryStore(Path(self.local_dir))
 
 
 class PKIResource(dg.ConfigurableResource):
@@ -59,8 +100,25 @@ class BrokerControlResource(dg.ConfigurableResource):
         return reload_broker(Path(self.pid_file))
 
 
+def object_store_resource(settings: PlatformSettings) -> ObjectStoreResource:
+    """Non-secret settings are plain config (visible in the UI); keys come via dg.EnvVar."""
+    if settings.object_store == "s3":
+        return ObjectStoreResource(
+            backend="s3",
+            endpoint=settings.s3_endpoint,
+            bucket=settings.s3_bucket,
+            secure=settings.s3_secure,
+            timeout_s=settings.s3_timeout_s,
+            access_key=dg.EnvVar("IOT_S3_ACCESS_KEY"),
+            secret_key=dg.EnvVar("IOT_S3_SECRET_KEY"),
+        )
+    return ObjectStoreResource(backend="local", local_dir=str(settings.local_store_dir))
+
+
 def build_resources() -> dict[str, dg.ConfigurableResource]:
+    settings = PlatformSettings.from_env()
     return {
+        "object_store": object_store_resource(settings),
         "warehouse": WarehouseResource(
             host=dg.EnvVar("IOT_PG_HOST"),
             port=dg.EnvVar.int("IOT_PG_PORT"),

@@ -1,0 +1,21 @@
+"""Jobs: the live load (sensor-driven) of raw batches through the rollups."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from iot_platform.defs.assets.keys import (
+    DEVICE_EVENTS,
+    TELEMETRY,
+    TELEMETRY_1D,
+    TELEMETRY_1H,
+    TELEMETRY_1M,
+)
+
+load_job = dg.define_asset_job(
+    name="load_raw_batches_job",
+    selection=dg.AssetSelection.assets(
+        TELEMETRY, DEVICE_EVENTS, TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D
+    ),
+    description="Decode and load raw batches of one receive hour, then refresh the rollups.",
+)
