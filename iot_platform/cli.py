@@ -51,6 +51,24 @@ def _cmd_broker_reload(settings: PlatformSettings, args: argparse.Namespace) -> 
     return 0
 
 
+def _cmd_db_migrate(settings: PlatformSettings, _args: argparse.Namespace) -> int:
+    import psycopg
+
+    from iot_platform.stack import warehouse_conninfo
+    from iot_platform.warehouse.migrations import migrate
+
+    try:
+        with psycopg.connect(warehouse_conninfo(settings)) as conn:
+            dialect, applied = migrate(conn)
+    except psycopg.OperationalError as exc:
+        raise ServiceError(f"cannot reach the warehouse: {exc}") from exc
+    print(
+        f"warehouse {settings.pg_database} ({dialect.value}): "
+        f"{'applied ' + ', '.join(applied) if applied else 'already up to date'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iot-platform", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -80,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     reload_cmd = broker.add_parser("reload", help="SIGHUP the broker so it re-reads the CRL")
     reload_cmd.add_argument("--pid-file", help="default: IOT_HOME/mosquitto/data/mosquitto.pid")
     reload_cmd.set_defaults(handler=_cmd_broker_reload)
+
+    db = commands.add_parser("db", help="the warehouse database").add_subparsers(
+        dest="db_command", required=True
+    )
+    db.add_parser(
+        "migrate", help="create or upgrade the warehouse schema (idempotent)"
+    ).set_defaults(handler=_cmd_db_migrate)
     return parser
 
 

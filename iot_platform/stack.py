@@ -18,12 +18,15 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+import psycopg
+
 from ingest_daemon.config import DEFAULT_METRICS_PORT
 from iot_platform.pki import CertificateAuthority, init_pki
 from iot_platform.services.mosquitto import INGEST_IDENTITY, BrokerConfig, MosquittoBroker
 from iot_platform.services.postgres import PostgresServer
 from iot_platform.services.process import ChildProcess, ServiceError, port_is_open
-from iot_platform.settings import PlatformSettings, Secret, env_int, env_secret
+from iot_platform.settings import PlatformSettings, Secret, SettingsError, env_int, env_secret
+from iot_platform.warehouse.migrations import migrate
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,24 @@ def local_secret(settings: PlatformSettings, env_name: str, filename: str) -> Se
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(32))
     return Secret(path.read_text().strip())
+
+
+def warehouse_conninfo(settings: PlatformSettings) -> str:
+    """The warehouse's conninfo; the password from env/``_FILE`` or the embedded stack's."""
+    password = env_secret("IOT_PG_PASSWORD")
+    generated = settings.home / "secrets" / "pg_password"
+    if password is None and generated.exists():
+        password = Secret(generated.read_text().strip())
+    if password is None:
+        raise SettingsError("set IOT_PG_PASSWORD or IOT_PG_PASSWORD_FILE")
+    return psycopg.conninfo.make_conninfo(
+        host=settings.pg_host,
+        port=settings.pg_port,
+        user=settings.pg_user,
+        password=password.value,
+        dbname=settings.pg_database,
+        connect_timeout=10,
+    )
 
 
 def certificate_authority(settings: PlatformSettings) -> CertificateAuthority:
@@ -123,6 +144,9 @@ class EmbeddedStack:
         for database in (self.settings.pg_database, self.settings.dagster_database):
             if self.postgres.ensure_database(database):
                 log.info("created database %s", database)
+        with psycopg.connect(self.postgres.conninfo(self.settings.pg_database)) as conn:
+            dialect, applied = migrate(conn)
+        log.info("warehouse (%s): %s", dialect.value, ", ".join(applied) or "schema up to date")
         self.broker.start()
         self.children.append(("mosquitto", self.broker.process))  # type: ignore[arg-type]
         self._start_ingest()

@@ -154,5 +154,25 @@ class ChildProcess:
                 log.warning("%s (pid %s) ignored stop; killing", self.name, self.proc.pid)
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        self._end_process_group()
         log.info("stopped %s (pid %s, code %s)", self.name, self.proc.pid, self.proc.returncode)
         return self.proc.returncode
+
+    def _end_process_group(self, grace: float = 5.0) -> None:
+        """End what the child left behind in its own process group (e.g. Dagster's code
+        servers, which otherwise linger until their heartbeat times out)."""
+        assert self.proc is not None
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, signum)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                try:
+                    os.killpg(pgid, 0)
+                except (ProcessLookupError, PermissionError):
+                    return
+                time.sleep(0.1)
+            log.warning("%s left processes in group %s; killing them", self.name, pgid)

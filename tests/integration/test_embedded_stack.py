@@ -51,6 +51,13 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return f"pid {pid} (gone)"
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -148,6 +155,16 @@ def _wait_daemon_healthy(url: str, timeout: float = 90) -> list[dict]:
     pytest.fail(f"dagster daemon not healthy: {statuses or body}")
 
 
+def _wait_for(conn: psycopg.Connection, count_query: str, timeout: float = 120) -> None:
+    """Poll until the query counts at least one row (the sensor ticks every 10 s)."""
+    deadline = time.monotonic() + timeout
+    while conn.execute(count_query).fetchone()[0] == 0:
+        conn.commit()
+        if time.monotonic() > deadline:
+            pytest.fail(f"nothing for {count_query!r} after {timeout}s")
+        time.sleep(1)
+
+
 def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
     stack = Stack(stack_env)
     summary = stack.start()
@@ -161,13 +178,14 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
 
         home = Path(stack_env["IOT_HOME"])
         password = (home / "secrets" / "pg_password").read_text().strip()
-        with psycopg.connect(
+        warehouse = psycopg.conninfo.make_conninfo(
             host="127.0.0.1",
             port=int(stack_env["IOT_PG_PORT"]),
             user="iot",
             password=password,
             dbname="iot",
-        ) as conn:
+        )
+        with psycopg.connect(warehouse) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
 
         ca = CertificateAuthority(
@@ -198,6 +216,39 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
             time.sleep(0.5)
         assert rows.column("payload").to_pylist() == [b"21.5"]
 
+        # The sensor loads it: unregistered, so kept as a reject; once registered, the
+        # device's telemetry reaches the warehouse and the rollups with nothing else to start.
+        with psycopg.connect(warehouse) as conn:
+            _wait_for(conn, "SELECT count(*) FROM decode_rejects WHERE reason = 'unknown_device'")
+            conn.execute("INSERT INTO devices (device_id) VALUES (%s)", [device_id])
+            conn.commit()
+            envelope = json.dumps(
+                {
+                    "v": 2,
+                    "device_id": device_id,
+                    "ts": "2026-11-22T10:00:00Z",
+                    "seq": 1,
+                    "msg_type": "telemetry",
+                    "measurements": [{"type": "voltage_dc", "val": 756.3}],
+                }
+            )
+            session = open_session(
+                "127.0.0.1",
+                port,
+                client_id=device_id,
+                ca_file=ca.ca_cert_path,
+                cert_file=cert,
+                key_file=key,
+            )
+            session.client.publish(f"iot/{device_id}/telemetry", envelope, qos=1).wait_for_publish(
+                5
+            )
+            session.close()
+            _wait_for(conn, "SELECT count(*) FROM telemetry_1m WHERE metric = 'voltage_dc'")
+            assert conn.execute("SELECT device_id, value FROM telemetry").fetchall() == [
+                (device_id, 756.3)
+            ]
+
         ca.write_crl(revoke_serials={int(issued.serial_hex, 16): x509.ReasonFlags.key_compromise})
         reload = subprocess.run(
             [sys.executable, "-m", "iot_platform.cli", "broker", "reload"],
@@ -221,8 +272,10 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
         code = stack.interrupt()
     assert code == 0, "".join(stack.output)
     assert len(children) >= 5
-    time.sleep(1)
-    assert [pid for pid in children if _alive(pid)] == []
+    deadline = time.monotonic() + 15
+    while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert [_cmdline(pid) for pid in alive] == []
 
     # A second start reuses the data: no initdb, no new CA, same databases.
     ca_before = Path(stack_env["IOT_CERTS_DIR"], "ca.crt").read_bytes()
