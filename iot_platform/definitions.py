@@ -5,13 +5,16 @@ from __future__ import annotations
 import dagster as dg
 
 from iot_platform.defs.assets import load, rollups
+from iot_platform.defs.checks import device_health_checks, device_health_job, device_health_schedule
 from iot_platform.defs.jobs import load_job
 from iot_platform.defs.resources import build_resources
 from iot_platform.defs.sensors import raw_batch_sensor
 
 defs = dg.Definitions(
     assets=[load.raw_batches, load.load_raw_batches, *dg.load_assets_from_modules([rollups])],
-    jobs=[load_job],
+    asset_checks=[device_health_checks],
+    jobs=[load_job, device_health_job],
     sensors=[raw_batch_sensor],
+    schedules=[device_health_schedule],
     resources=build_resources(),
 )

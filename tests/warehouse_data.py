@@ -9,7 +9,7 @@ import random
 from iot_platform.objectstore import ObjectInfo, ObjectStore
 from iot_platform.rawbatch import encode_batch
 
-METRICS = ("voltage_dc", "current_dc", "power_dc")
+METRICS = {"voltage_dc": (600.0, 800.0), "current_dc": (0.0, 50.0), "power_dc": (0.0, 40_000.0)}
 
 
 def envelope(device_id: str, seq: int, ts: dt.datetime, values: dict[str, float]) -> bytes:
@@ -34,7 +34,7 @@ def telemetry_messages(
     for n in range(count):
         ts = start + dt.timedelta(seconds=n * every_s)
         for device_id in devices:
-            values = {m: round(rng.uniform(0, 1000), 2) for m in METRICS}
+            values = {m: round(rng.uniform(lo, hi), 2) for m, (lo, hi) in METRICS.items()}
             out.append(
                 (
                     ts + dt.timedelta(milliseconds=150),

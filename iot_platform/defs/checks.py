@@ -1,0 +1,62 @@
+"""Device-health asset checks on ``telemetry``: one check per rule of ``iot_platform.health``.
+
+They run after every load (the load job includes the checks of the assets it
+materialises) and on a schedule, so a device that goes silent is flagged even when no
+data arrives at all. Each evaluation also writes ``device_health`` rows (history).
+"""
+
+import dagster as dg
+
+from iot_platform.defs.assets.keys import TELEMETRY
+from iot_platform.defs.resources import WarehouseResource
+from iot_platform.health import RULES, HealthSettings, evaluate
+
+
+@dg.multi_asset_check(
+    specs=[
+        dg.AssetCheckSpec(
+            rule.name, asset=TELEMETRY, description=rule.description, blocking=rule.blocking
+        )
+        for rule in RULES
+    ],
+    name="device_health_checks",
+)
+def device_health_checks(warehouse: WarehouseResource):
+    settings = HealthSettings.from_env()
+    with warehouse.connect() as conn:
+        for rule in RULES:
+            result = evaluate(conn, rule, settings)
+            severity = (
+                dg.AssetCheckSeverity.ERROR
+                if rule.severity == "error"
+                else dg.AssetCheckSeverity.WARN
+            )
+            yield dg.AssetCheckResult(
+                asset_key=TELEMETRY,
+                check_name=rule.name,
+                passed=result.passed,
+                severity=severity,
+                metadata={
+                    "failing_devices": len(result.failing),
+                    "devices_evaluated": result.evaluated,
+                    "failing_device_ids": dg.MetadataValue.json(sorted(result.failing)[:100]),
+                    "details": dg.MetadataValue.json(
+                        {d: result.failing[d] for d in sorted(result.failing)[:20]}
+                    ),
+                },
+            )
+
+
+device_health_job = dg.define_asset_job(
+    "device_health_job",
+    selection=dg.AssetSelection.checks_for_assets(TELEMETRY),
+    description="Evaluate the device-health rules without loading data (silent devices too).",
+)
+
+device_health_schedule = dg.ScheduleDefinition(
+    name="device_health_schedule",
+    job=device_health_job,
+    cron_schedule="*/5 * * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description="Every 5 minutes: flags devices even when no data arrives.",
+)
