@@ -206,7 +206,20 @@ CORE = Migration(
     """,
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CORE,)
+TIME_BUCKET = Migration(
+    2,
+    "time_bucket on plain PostgreSQL",
+    common="",
+    # Analyst SQL and dbt models use time_bucket(); on plain PostgreSQL it is date_bin with
+    # TimescaleDB's default origin, so the same queries give the same buckets on both.
+    postgres="""
+    CREATE FUNCTION time_bucket(bucket_width interval, ts timestamptz) RETURNS timestamptz
+        LANGUAGE sql IMMUTABLE PARALLEL SAFE
+        AS $$ SELECT date_bin(bucket_width, ts, TIMESTAMPTZ '2000-01-03 00:00:00+00') $$;
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (CORE, TIME_BUCKET)
 
 
 def detect_dialect(conn: psycopg.Connection) -> Dialect:
