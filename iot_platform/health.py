@@ -118,7 +118,7 @@ def _sequence(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict
             SELECT device_id, count(*) AS messages, count(DISTINCT seq) AS distinct_seq,
                    max(seq) - min(seq) + 1 AS span
             FROM device_messages
-            WHERE msg_type = 'telemetry' AND received_at >= %(since)s
+            WHERE received_at >= %(since)s  -- seq counts every v2 message of a device
             GROUP BY device_id)
         SELECT device_id, jsonb_build_object(
                    'messages', messages, 'missing_seq', span - distinct_seq,
