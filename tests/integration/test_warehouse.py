@@ -69,7 +69,9 @@ def warehouse(postgres_db) -> Iterator[psycopg.Connection]:
 
 def test_migrate_is_idempotent(warehouse):
     assert migrate(warehouse) == (Dialect.POSTGRES, [])
-    versions = warehouse.execute("SELECT version, dialect FROM schema_migrations ORDER BY 1").fetchall()
+    versions = warehouse.execute(
+        "SELECT version, dialect FROM schema_migrations ORDER BY 1"
+    ).fetchall()
     assert versions == [(1, "postgresql"), (2, "postgresql")]
 
 
@@ -189,3 +191,14 @@ def test_timescale_dialect_gives_the_same_answers(warehouse, timescale_double, t
             conn.autocommit = True
             conn.execute("RESET search_path")
             conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_a_redelivered_message_in_another_batch_is_stored_once(warehouse, tmp_path):
+    store = LocalDirectoryStore(tmp_path)
+    messages = telemetry_messages(DEVICES, T0, 20)
+    first = _load(warehouse, store, put_batch(store, messages, seq=1))
+    # at-least-once: the broker redelivers the tail of the stream into the next batch
+    second = _load(warehouse, store, put_batch(store, messages[-10:], seq=2))
+    assert (first.telemetry_rows, second.telemetry_rows) == (2 * 20 * 3, 0)
+    assert _counts(warehouse)["telemetry"] == 2 * 20 * 3
+    assert _counts(warehouse)["device_messages"] == 2 * 20 + 10  # evidence of duplicates

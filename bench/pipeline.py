@@ -1,0 +1,167 @@
+"""Pipeline benchmark: raw batches -> decode (Polars) -> load (PostgreSQL) -> rollups.
+
+Generates raw batches holding 1,000,000 measurements from 2,000 v2-envelope devices in a
+local object store, then runs the same functions the assets use on a real PostgreSQL
+started for the run. The ceiling is a plain COPY of the already-decoded rows into the
+same table in the same run. Progress goes to stderr; the last stdout line is JSON.
+
+    .venv/bin/python bench/pipeline.py [--devices 2000] [--envelopes 100] [--measurements 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+import psycopg
+
+from iot_platform.decode import decode_raw
+from iot_platform.objectstore import LocalDirectoryStore
+from iot_platform.rawbatch import encode_batch, read_batch
+from iot_platform.services.postgres import PostgresServer
+from iot_platform.services.process import free_port
+from iot_platform.warehouse.aggregates import ROLLUPS, refresh
+from iot_platform.warehouse.load import known_devices, load_frames, load_parameters
+from iot_platform.warehouse.migrations import Dialect, migrate
+
+METRICS = ["voltage_dc", "current_dc", "power_dc", "energy", "temperature", "frequency"]
+BATCH_ENVELOPES = 20_000
+
+
+def progress(message: str) -> None:
+    print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+
+
+def generate(store, devices: int, envelopes: int, measurements: int) -> list[str]:
+    rng = random.Random(42)  # noqa: S311 - synthetic readings
+    start = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
+    rows = []
+    for n in range(envelopes):
+        ts = start + dt.timedelta(seconds=10 * n)
+        for d in range(devices):
+            device_id = f"bench-{d:05d}"
+            body = {
+                "v": 2,
+                "device_id": device_id,
+                "ts": ts.isoformat(),
+                "seq": n,
+                "msg_type": "telemetry",
+                "measurements": [
+                    {"type": METRICS[m], "val": round(rng.uniform(0, 1000), 3), "unit": "u"}
+                    for m in range(measurements)
+                ],
+            }
+            rows.append(
+                (
+                    ts + dt.timedelta(milliseconds=200),
+                    f"iot/{device_id}/telemetry",
+                    json.dumps(body).encode(),
+                )
+            )
+    keys = []
+    for seq, at in enumerate(range(0, len(rows), BATCH_ENVELOPES)):
+        chunk = rows[at : at + BATCH_ENVELOPES]
+        encoded = encode_batch(
+            received_at_us=[int(r.timestamp() * 1e6) for r, _, _ in chunk],
+            topics=[t for _, t, _ in chunk],
+            payloads=[p for _, _, p in chunk],
+            qos=[1] * len(chunk),
+            retain=[False] * len(chunk),
+            instance="bench",
+            seq=seq,
+        )
+        store.put(encoded.key.key, encoded.data)
+        keys.append(encoded.key.key)
+    return keys
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--envelopes", type=int, default=100, help="per device")
+    parser.add_argument("--measurements", type=int, default=5, help="per envelope")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="iot-bench-pipeline-"))
+    work.chmod(0o755)  # PostgreSQL runs as user postgres when we are root
+    server = PostgresServer(work / "pg", port=free_port(), password=secrets.token_urlsafe(16))
+    try:
+        server.start()
+        server.ensure_database("bench")
+        store = LocalDirectoryStore(work / "objects")
+        progress("generating raw batches")
+        keys = generate(store, args.devices, args.envelopes, args.measurements)
+        with psycopg.connect(server.conninfo("bench")) as conn:
+            dialect, _ = migrate(conn)
+            conn.execute(
+                "INSERT INTO devices (device_id) SELECT 'bench-' || lpad(g::text, 5, '0')"
+                " FROM generate_series(0, %s) g",
+                [args.devices - 1],
+            )
+            conn.commit()
+            params, devices = load_parameters(conn), known_devices(conn)
+            decode_s = load_s = 0.0
+            rows = 0
+            decoded = []
+            for key in keys:
+                t0 = time.perf_counter()
+                table = read_batch(store.get(key)).table
+                frames = decode_raw(table, params, known_devices=devices)
+                t1 = time.perf_counter()
+                result = load_frames(
+                    conn, store.stat(key), frames, raw_rows=table.num_rows, run_id="bench"
+                )
+                load_s += time.perf_counter() - t1
+                decode_s += t1 - t0
+                rows += result.telemetry_rows
+                decoded.append(frames.telemetry)
+                progress(f"{key.rsplit('/', 1)[-1]}: {result.telemetry_rows} rows")
+            lo, hi = conn.execute("SELECT min(ts), max(ts) FROM telemetry").fetchone()
+            conn.commit()
+            t0 = time.perf_counter()
+            conn.autocommit = True
+            for name in ROLLUPS:
+                refresh(conn, Dialect(dialect), name, lo, hi)
+            refresh_s = time.perf_counter() - t0
+
+            # Ceiling: COPY the already-decoded rows into an identical empty table.
+            conn.execute("CREATE TABLE telemetry_ceiling (LIKE telemetry INCLUDING ALL)")
+            frame = pl.concat(decoded).select("ts", "device_id", "metric", "value", "unit")
+            frame = frame.with_columns(batch_id=pl.lit(1, pl.Int64))
+            t0 = time.perf_counter()
+            buffer = io.BytesIO()
+            frame.write_csv(buffer, include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z")
+            with conn.cursor().copy("COPY telemetry_ceiling FROM STDIN (FORMAT csv)") as copy:
+                copy.write(buffer.getvalue())
+            ceiling_s = time.perf_counter() - t0
+        rows_per_s = rows / (decode_s + load_s)
+        ceiling = frame.height / ceiling_s
+        result = {
+            "rows": rows,
+            "rows_per_s": round(rows_per_s),
+            "decode_s": round(decode_s, 2),
+            "load_s": round(load_s, 2),
+            "refresh_s": round(refresh_s, 2),
+            "ceiling_rows_per_s": round(ceiling),
+            "ratio": round(rows_per_s / ceiling, 3),
+            "dialect": str(dialect),
+        }
+        print(json.dumps(result))
+        return 0
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
