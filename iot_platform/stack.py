@@ -259,8 +259,12 @@ class EmbeddedStack:
             ]
         )
 
-    def watch(self) -> int:
-        """Block until a signal or a child's unexpected exit; returns the exit code."""
+    def handle_signals(self) -> None:
+        """From now on Ctrl-C/SIGTERM/SIGHUP request an orderly stop (see ``watch``).
+
+        Installed before the ready line is printed: a signal sent right after reading it
+        must not kill the supervisor before it has stopped its children.
+        """
 
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             log.info("received %s, stopping", signal.Signals(signum).name)
@@ -268,6 +272,9 @@ class EmbeddedStack:
 
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, request_stop)
+
+    def watch(self) -> int:
+        """Block until a signal or a child's unexpected exit; returns the exit code."""
         while not self._stopping:
             for name, child in self.children:
                 if not child.running():
@@ -294,6 +301,7 @@ def run_embedded(settings: PlatformSettings) -> int:
     stack = EmbeddedStack(settings)
     try:
         stack.start()
+        stack.handle_signals()
         print(stack.summary(), flush=True)
         return stack.watch()
     except ServiceError as exc:
