@@ -247,27 +247,29 @@ def _stage(conn: psycopg.Connection, name: str, frame: pl.DataFrame) -> str:
     frame = frame.select(list(columns))
     if frame.height == 0:
         return stage
-    if _copy_supported(conn):
-        try:
-            with conn.transaction():
-                _copy_csv(conn, stage, frame)
-            return stage
-        except errors.FeatureNotSupported:
-            _COPY_UNSUPPORTED.add(_server_id(conn))
-            log.info("server rejects COPY FROM STDIN; staging with unnest instead")
-    _insert_unnest(conn, stage, frame, columns)
+    if not _copy_into(conn, stage, frame):
+        _insert_unnest(conn, stage, frame, columns)
     return stage
 
 
+# Servers (host, port) that refused COPY FROM STDIN once: not asked again.
 _COPY_UNSUPPORTED: set[tuple[str, int]] = set()
 
 
-def _server_id(conn: psycopg.Connection) -> tuple[str, int]:
-    return (conn.info.host, conn.info.port)
-
-
-def _copy_supported(conn: psycopg.Connection) -> bool:
-    return _server_id(conn) not in _COPY_UNSUPPORTED
+def _copy_into(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> bool:
+    """COPY ``frame`` into ``table`` inside a savepoint; False if the server has no COPY
+    FROM STDIN (the TimescaleDB test double). Constraint errors propagate, rolled back."""
+    server = (conn.info.host, conn.info.port)
+    if server in _COPY_UNSUPPORTED:
+        return False
+    try:
+        with conn.transaction():
+            _copy_csv(conn, table, frame)
+    except errors.FeatureNotSupported:
+        _COPY_UNSUPPORTED.add(server)
+        log.info("server rejects COPY FROM STDIN; loading with unnest instead")
+        return False
+    return True
 
 
 def _copy_csv(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> None:
@@ -308,24 +310,15 @@ def _insert_telemetry(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: i
         return 0
     # Sorted like the unique index: B-tree inserts then touch neighbouring pages.
     frame = frame.sort("device_id", "metric", "ts")
-    if _copy_supported(conn):
-        # Fast path: COPY straight into telemetry. Rows already stored (a message
-        # redelivered in another batch) make it fail as a whole; then the savepoint rolls
-        # it back and the staged insert below skips exactly those rows.
-        try:
-            with conn.transaction():
-                _copy_csv(
-                    conn,
-                    "telemetry",
-                    frame.select(*_STAGE_COLUMNS["telemetry"], batch_id=pl.lit(batch_id)),
-                )
+    # Fast path: COPY straight into telemetry. Rows already stored (a message redelivered
+    # in another batch) make it fail as a whole; the savepoint rolls it back and the
+    # staged insert below skips exactly those rows.
+    try:
+        columns = frame.select(*_STAGE_COLUMNS["telemetry"], batch_id=pl.lit(batch_id))
+        if _copy_into(conn, "telemetry", columns):
             return frame.height
-        except errors.UniqueViolation:
-            log.debug(
-                "batch %s repeats stored telemetry; inserting with conflict handling", batch_id
-            )
-        except errors.FeatureNotSupported:
-            _COPY_UNSUPPORTED.add(_server_id(conn))
+    except errors.UniqueViolation:
+        log.debug("batch %s repeats stored telemetry; inserting with conflict handling", batch_id)
     stage = _stage(conn, "telemetry", frame)
     cursor = conn.execute(
         sql.SQL(
