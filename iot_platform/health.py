@@ -138,17 +138,16 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
     return _rows(
         conn,
         """
+        WITH bounds AS (
+            SELECT * FROM unnest(%(metrics)s::text[], %(low)s::float8[], %(high)s::float8[])
+                AS b(metric, low, high))
         SELECT t.device_id, jsonb_object_agg(t.metric, jsonb_build_object(
-                   'rows', t.n, 'min', t.lo, 'max', t.hi,
-                   'allowed', jsonb_build_array(b.low, b.high)))
+                   'rows', t.n, 'min', t.lo, 'max', t.hi, 'allowed', jsonb_build_array(low, high)))
         FROM (SELECT device_id, metric, count(*) AS n, min(value) AS lo, max(value) AS hi
-              FROM telemetry t
-              JOIN unnest(%(metrics)s::text[], %(low)s::float8[], %(high)s::float8[])
-                   AS b(metric, low, high) USING (metric)
-              WHERE t.ts >= %(since)s AND (t.value < b.low OR t.value > b.high)
+              FROM telemetry JOIN bounds USING (metric)
+              WHERE ts >= %(since)s AND (value < low OR value > high)
               GROUP BY device_id, metric) t
-        JOIN unnest(%(metrics)s::text[], %(low)s::float8[], %(high)s::float8[])
-             AS b(metric, low, high) USING (metric)
+        JOIN bounds USING (metric)
         GROUP BY t.device_id ORDER BY 1
         """,
         {
