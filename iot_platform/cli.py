@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from iot_platform.pki import PKIError
 from iot_platform.services.mosquitto import BrokerConfig, reload_broker
 from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, SettingsError
+
+if TYPE_CHECKING:
+    from iot_platform.enrollment import CertificateRow
+    from iot_platform.launcher import RunOutcome
 
 
 def _cmd_up(settings: PlatformSettings, _args: argparse.Namespace) -> int:
@@ -69,6 +75,103 @@ def _cmd_db_migrate(settings: PlatformSettings, _args: argparse.Namespace) -> in
     return 0
 
 
+def _launch(settings: PlatformSettings, job: str, op: str, config: dict) -> RunOutcome:
+    """Run a PKI job through the Dagster webserver, exactly as a Launchpad launch."""
+    from iot_platform.defs.enrollment import ACTOR_TAG
+    from iot_platform.launcher import JobLauncher
+
+    launcher = JobLauncher(settings.dagster_host, settings.dagster_port)
+    outcome = launcher.run(
+        job,
+        {"ops": {op: {"config": config}}},
+        tags={ACTOR_TAG: f"cli:{getpass.getuser()}"},
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    if not outcome.succeeded:
+        for error in outcome.errors or [f"run {outcome.status.value}"]:
+            print(f"iot-platform: {job} failed: {error}", file=sys.stderr)
+    return outcome
+
+
+def _registry(settings: PlatformSettings, device_id: str | None = None) -> list[CertificateRow]:
+    import psycopg
+
+    from iot_platform.enrollment import certificates
+    from iot_platform.stack import warehouse_conninfo
+
+    with psycopg.connect(warehouse_conninfo(settings)) as conn:
+        return certificates(conn, device_id)
+
+
+def _print_certificates(rows: list[CertificateRow]) -> None:
+    for row in rows:
+        print(
+            f"{row.device_id:<24} {row.serial_hex:<40} {row.status:<28} "
+            f"{row.not_before:%Y-%m-%d} .. {row.not_after:%Y-%m-%d}"
+        )
+
+
+def _cmd_devices_enroll(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    config: dict[str, object] = {
+        "device_id": args.device_id,
+        "device_type": args.type,
+        "csr_pem": Path(args.csr).read_text() if args.csr else "",
+        "metadata": dict(_key_value(item) for item in args.meta),
+        "revoke_previous": args.revoke_previous,
+    }
+    if args.days:
+        config["validity_days"] = args.days
+    outcome = _launch(settings, "enroll_device", "issue_certificate", config)
+    if not outcome.succeeded:
+        return 1
+    newest = _registry(settings, args.device_id)[0]
+    cert_path = settings.certs_dir / "devices" / f"{args.device_id}.crt"
+    print(
+        f"enrolled {args.device_id}: serial {newest.serial_hex}, fingerprint "
+        f"{newest.fingerprint_sha256}, valid until {newest.not_after:%Y-%m-%d}, "
+        f"certificate {cert_path}"
+    )
+    return 0
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SettingsError(f"--meta {item!r}: use key=value")
+    return key, value
+
+
+def _cmd_devices_revoke(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    config = {"serial": args.serial or "", "device_id": args.device or "", "reason": args.reason}
+    outcome = _launch(settings, "revoke_certificate", "revoke_certificates", config)
+    if not outcome.succeeded:
+        return 1
+    from iot_platform.enrollment import normalise_serial
+
+    rows = _registry(settings, args.device)
+    if args.serial:
+        rows = [r for r in rows if r.serial_hex == normalise_serial(args.serial)]
+    _print_certificates(rows)
+    return 0
+
+
+def _cmd_devices_list(settings: PlatformSettings, _args: argparse.Namespace) -> int:
+    _print_certificates(_registry(settings))
+    return 0
+
+
+def _cmd_devices_cert(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    rows = _registry(settings, args.device_id)
+    if not rows:
+        print(f"iot-platform: no certificate for {args.device_id}", file=sys.stderr)
+        return 1
+    _print_certificates(rows)
+    pem = settings.certs_dir / "devices" / f"{args.device_id}.crt"
+    if pem.exists():
+        print(pem.read_text(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iot-platform", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -105,6 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_parser(
         "migrate", help="create or upgrade the warehouse schema (idempotent)"
     ).set_defaults(handler=_cmd_db_migrate)
+
+    from iot_platform.enrollment import RevocationReason
+
+    devices = commands.add_parser(
+        "devices", help="enroll, revoke and inspect devices (runs the Dagster jobs)"
+    ).add_subparsers(dest="devices_command", required=True)
+    enroll = devices.add_parser("enroll", help="launch enroll_device and wait for it")
+    enroll.add_argument("device_id")
+    enroll.add_argument("--type", default="generic", help="device type (default generic)")
+    enroll.add_argument("--csr", help="PEM CSR file (CN = device id); omit to generate a key")
+    enroll.add_argument("--days", type=int, help="validity (default IOT_DEVICE_CERT_DAYS)")
+    enroll.add_argument("--meta", action="append", default=[], help="key=value, repeatable")
+    enroll.add_argument("--revoke-previous", action="store_true", help="revoke older certs")
+    enroll.set_defaults(handler=_cmd_devices_enroll)
+    revoke = devices.add_parser("revoke", help="launch revoke_certificate and wait for it")
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serial", help="certificate serial (hex)")
+    target.add_argument("--device", help="revoke every active certificate of this device")
+    revoke.add_argument(
+        "--reason", default="unspecified", choices=[r.value for r in RevocationReason]
+    )
+    revoke.set_defaults(handler=_cmd_devices_revoke)
+    devices.add_parser("list", help="every certificate and its status").set_defaults(
+        handler=_cmd_devices_list
+    )
+    cert = devices.add_parser("cert", help="a device's certificates and its current PEM")
+    cert.add_argument("device_id")
+    cert.set_defaults(handler=_cmd_devices_cert)
     return parser
 
 

@@ -4,17 +4,29 @@ from __future__ import annotations
 
 import dagster as dg
 
-from iot_platform.defs.assets import load, rollups
+from iot_platform.defs.assets import load, pki, rollups
 from iot_platform.defs.checks import device_health_checks, device_health_job, device_health_schedule
+from iot_platform.defs.enrollment import enroll_device, revoke_certificate
 from iot_platform.defs.jobs import load_job
 from iot_platform.defs.resources import build_resources
 from iot_platform.defs.sensors import raw_batch_sensor
 
 defs = dg.Definitions(
-    assets=[load.raw_batches, load.load_raw_batches, *dg.load_assets_from_modules([rollups])],
-    asset_checks=[device_health_checks],
-    jobs=[load_job, device_health_job],
+    assets=[
+        load.raw_batches,
+        load.load_raw_batches,
+        *dg.load_assets_from_modules([rollups]),
+        pki.crl,
+        pki.device_certificates,
+    ],
+    asset_checks=[
+        device_health_checks,
+        pki.crl_not_expiring,
+        pki.certificates_expiring_soon,
+        pki.devices_without_valid_certificate,
+    ],
+    jobs=[load_job, device_health_job, enroll_device, revoke_certificate, pki.crl_refresh_job],
     sensors=[raw_batch_sensor],
-    schedules=[device_health_schedule],
+    schedules=[device_health_schedule, pki.crl_refresh_schedule],
     resources=build_resources(),
 )

@@ -335,7 +335,7 @@ class CertificateAuthority:
         self,
         *,
         revoke_serials: dict[int, x509.ReasonFlags] | None = None,
-        days: int = 7,
+        days: float = 7,
     ) -> x509.CertificateRevocationList:
         """Re-sign the CRL: existing entries plus ``revoke_serials``, nextUpdate = now + days."""
         ca_cert, ca_key = self.load()
@@ -389,7 +389,7 @@ def _describe(cert: x509.Certificate, cert_path: Path, key_path: Path | None) ->
 
 
 def init_pki(
-    ca: CertificateAuthority, *, broker_hosts: list[str], services: list[str], crl_days: int
+    ca: CertificateAuthority, *, broker_hosts: list[str], services: list[str], crl_days: float
 ) -> list[str]:
     """Create whatever is missing (CA, broker and service certificates, CRL); return what was made.
 

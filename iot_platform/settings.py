@@ -103,7 +103,9 @@ class PlatformSettings:
     broker_max_inflight: int
     broker_max_queued: int
     crl_days: int
+    crl_min_remaining_hours: float
     device_cert_days: int
+    allow_server_keygen: bool
     pg_host: str
     pg_port: int
     pg_user: str
@@ -133,7 +135,9 @@ class PlatformSettings:
             broker_max_inflight=env_int("IOT_BROKER_MAX_INFLIGHT", 50_000, minimum=0),
             broker_max_queued=env_int("IOT_BROKER_MAX_QUEUED", 1_000_000, minimum=0),
             crl_days=env_int("IOT_CRL_DAYS", 7, minimum=1),
+            crl_min_remaining_hours=env_float("IOT_CRL_MIN_REMAINING_HOURS", 48, minimum=0),
             device_cert_days=env_int("IOT_DEVICE_CERT_DAYS", 365, minimum=1),
+            allow_server_keygen=env_bool("IOT_ALLOW_SERVER_KEYGEN", False),
             pg_host=env_str("IOT_PG_HOST", "127.0.0.1"),
             pg_port=env_int("IOT_PG_PORT", 54329, minimum=1),
             pg_user=env_str("IOT_PG_USER", "iot"),

@@ -200,7 +200,11 @@ class EmbeddedStack:
             IOT_PG_DB=s.pg_database,
             IOT_DAGSTER_DB=s.dagster_database,
             IOT_BROKER_PID_FILE=str(self.broker.pid_file),
+            IOT_BROKER_ACL_FILE=str(self.broker.config.config_dir / "acl"),
         )
+        # The embedded stack is for development: device keys may be generated server-side
+        # (written to the certs directory, mode 0600) unless the operator says otherwise.
+        env.setdefault("IOT_ALLOW_SERVER_KEYGEN", "true")
         # Dagster resources read secrets through dg.EnvVar: hand them over inline, in the
         # child's environment only (never in run config, logs or files we write).
         env["IOT_CA_PASSPHRASE"] = local_secret(s, "IOT_CA_PASSPHRASE", "ca_passphrase").value

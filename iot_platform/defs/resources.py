@@ -13,8 +13,13 @@ import psycopg
 
 from iot_platform.objectstore import LocalDirectoryStore, ObjectStore, S3Store
 from iot_platform.pki import CertificateAuthority
-from iot_platform.services.mosquitto import reload_broker
-from iot_platform.settings import PlatformSettings
+from iot_platform.services.mosquitto import (
+    INGEST_IDENTITY,
+    reload_broker,
+    write_acl,
+    write_denied_identities,
+)
+from iot_platform.settings import PlatformSettings, env_str
 from iot_platform.warehouse.migrations import Dialect, migrate
 
 
@@ -82,22 +87,38 @@ class ObjectStoreResource(dg.ConfigurableResource):
 
 
 class PKIResource(dg.ConfigurableResource):
-    """Where the platform CA lives and the passphrase that unlocks its key."""
+    """Where the platform CA lives, the passphrase that unlocks its key, and PKI policy."""
 
     certs_dir: str
     ca_passphrase: str
+    crl_days: int = 7
+    crl_min_remaining_hours: float = 48
+    device_cert_days: int = 365
+    allow_server_keygen: bool = False
 
     def authority(self) -> CertificateAuthority:
         return CertificateAuthority(Path(self.certs_dir), self.ca_passphrase)
 
 
 class BrokerControlResource(dg.ConfigurableResource):
-    """How a new CRL reaches the broker: a PID file to SIGHUP (embedded stack)."""
+    """How revocation reaches the broker: the ACL deny list and the CRL, then a reload.
 
-    pid_file: str
+    Embedded stack: the ACL file and PID file of the broker ``up`` started (SIGHUP).
+    Compose: the broker's shared config volume; its CRL watcher sends itself SIGHUP.
+    """
 
-    def reload(self) -> int:
-        return reload_broker(Path(self.pid_file))
+    pid_file: str = ""
+    acl_file: str = ""
+    ingest_user: str = INGEST_IDENTITY
+
+    def publish(self, certs_dir: Path, denied: list[str]) -> str:
+        """Publish the deny list (CRL already written) and make the broker re-read both."""
+        write_denied_identities(certs_dir, denied)
+        if self.acl_file:
+            write_acl(Path(self.acl_file), self.ingest_user, denied)
+        if self.pid_file:
+            return f"sent SIGHUP to broker pid {reload_broker(Path(self.pid_file))}"
+        return "published; the broker's CRL watcher reloads it within IOT_BROKER_CRL_POLL_S"
 
 
 def object_store_resource(settings: PlatformSettings) -> ObjectStoreResource:
@@ -127,7 +148,14 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             dbname=dg.EnvVar("IOT_PG_DB"),
         ),
         "pki": PKIResource(
-            certs_dir=dg.EnvVar("IOT_CERTS_DIR"), ca_passphrase=dg.EnvVar("IOT_CA_PASSPHRASE")
+            certs_dir=str(settings.certs_dir),
+            ca_passphrase=dg.EnvVar("IOT_CA_PASSPHRASE"),
+            crl_days=settings.crl_days,
+            crl_min_remaining_hours=settings.crl_min_remaining_hours,
+            device_cert_days=settings.device_cert_days,
+            allow_server_keygen=settings.allow_server_keygen,
         ),
-        "broker": BrokerControlResource(pid_file=dg.EnvVar("IOT_BROKER_PID_FILE")),
+        "broker": BrokerControlResource(
+            pid_file=env_str("IOT_BROKER_PID_FILE", ""), acl_file=env_str("IOT_BROKER_ACL_FILE", "")
+        ),
     }

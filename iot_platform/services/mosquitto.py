@@ -18,6 +18,42 @@ from string import Template
 from iot_platform.services.process import ChildProcess, ServiceError
 
 INGEST_IDENTITY = "ingest"
+# Published next to crl.pem by revocation: identities the ACL denies outright. The CRL
+# only stops new TLS handshakes; the ACL deny also silences a session that is connected.
+DENIED_IDENTITIES_FILE = "denied_identities"
+
+
+def read_denied_identities(certs_dir: Path) -> list[str]:
+    try:
+        lines = (certs_dir / DENIED_IDENTITIES_FILE).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return sorted({line.strip() for line in lines if line.strip()})
+
+
+def write_denied_identities(certs_dir: Path, denied: list[str]) -> None:
+    _replace_file(certs_dir / DENIED_IDENTITIES_FILE, "".join(f"{i}\n" for i in sorted(denied)))
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write atomically: the broker may re-read the file at any moment (SIGHUP)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)
+    os.replace(tmp, path)
+
+
+def write_acl(path: Path, ingest_user: str, denied: list[str]) -> None:
+    _replace_file(path, render_acl(ingest_user, denied))
+
+
+def render_acl(ingest_user: str, denied: list[str]) -> str:
+    """The ACL text: the shared template plus one deny-all section per revoked identity."""
+    acl = _template("acl.tmpl").substitute(ingest_user=ingest_user)
+    if denied:
+        acl += "\n# Revoked identities (revoke_certificate): every topic denied, read and write.\n"
+        acl += "".join(f"user {identity}\ntopic deny #\n" for identity in denied)
+    return acl
 
 
 @dataclass(frozen=True)
@@ -52,9 +88,8 @@ class BrokerConfig:
             # naming the current user keeps it able to read the certs it was given.
             "user_line": f"user {run_as}",
         }
-        return _template("mosquitto.conf.tmpl").substitute(values), _template(
-            "acl.tmpl"
-        ).substitute(values)
+        acl = render_acl(self.ingest_user, read_denied_identities(self.certs_dir))
+        return _template("mosquitto.conf.tmpl").substitute(values), acl
 
     def write(self) -> Path:
         conf, acl = self.render()

@@ -7,11 +7,12 @@ import stat
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from iot_platform.pki import CertificateAuthority, PKIError, init_pki
+from tests.pki_helpers import make_csr, tamper_signature
 
 
 @pytest.fixture
@@ -21,16 +22,6 @@ def authority(tmp_path) -> CertificateAuthority:
         ca, broker_hosts=["localhost", "127.0.0.1", "mosquitto"], services=["ingest"], crl_days=7
     )
     return ca
-
-
-def _csr(common_name: str, key=None) -> bytes:
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .sign(key, hashes.SHA256())
-    )
-    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def test_ca_key_is_encrypted_and_needs_the_passphrase(authority):
@@ -68,7 +59,7 @@ def test_broker_certificate_has_the_sans(authority):
 
 
 def test_device_certificate_from_csr_keeps_the_key_on_the_device(authority):
-    issued = authority.sign_device_csr("meter-01", _csr("meter-01"))
+    issued = authority.sign_device_csr("meter-01", make_csr("meter-01"))
     assert issued.key_path is None
     assert not authority.device_paths("meter-01")[1].exists()
     cert = x509.load_pem_x509_certificate(issued.cert_path.read_bytes())
@@ -93,21 +84,17 @@ def test_generated_device_key_is_private(authority):
 )
 def test_bad_csr_is_rejected_with_a_clear_message(authority, device_id, csr, message):
     with pytest.raises(PKIError, match=message):
-        authority.sign_device_csr(device_id, csr if csr is not None else _csr("someone-else"))
+        authority.sign_device_csr(device_id, csr if csr is not None else make_csr("someone-else"))
 
 
 def test_weak_rsa_key_is_rejected(authority):
     weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     with pytest.raises(PKIError, match="too weak"):
-        authority.sign_device_csr("weak-01", _csr("weak-01", weak))
+        authority.sign_device_csr("weak-01", make_csr("weak-01", weak))
 
 
 def test_tampered_csr_signature_is_rejected(authority):
-    pem = _csr("meter-02")
-    csr = x509.load_pem_x509_csr(pem)
-    der = bytearray(csr.public_bytes(serialization.Encoding.DER))
-    der[-5] ^= 0xFF  # flip bits inside the signature
-    tampered = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    tampered = tamper_signature(make_csr("meter-02"))
     with pytest.raises(PKIError, match="signature does not verify"):
         authority.sign_device_csr("meter-02", tampered)
 

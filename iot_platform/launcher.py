@@ -1,0 +1,101 @@
+"""Launch the platform's Dagster jobs through the webserver's GraphQL API, as the Launchpad does.
+
+The operator CLI (`iot-platform devices ...`) uses this, so scripted enrollment runs the
+same job, with the same validation, audit and run history, as a launch from the UI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import requests
+from dagster import DagsterRunStatus
+from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+from iot_platform.services.process import ServiceError
+
+TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+_RUN_ERRORS = """
+query RunErrors($runId: ID!) {
+  logsForRun(runId: $runId) {
+    __typename
+    ... on EventConnection {
+      events {
+        __typename
+        ... on ExecutionStepFailureEvent { stepKey error { message } }
+        ... on RunFailureEvent { message }
+      }
+    }
+  }
+}
+"""
+
+
+class LaunchError(ServiceError):
+    """The job could not be launched or followed (webserver down, unknown job, bad config)."""
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    run_id: str
+    status: DagsterRunStatus
+    errors: list[str]
+    url: str
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status == DagsterRunStatus.SUCCESS
+
+
+class JobLauncher:
+    """Submit a job run and wait for its end, reporting the step errors an operator needs."""
+
+    def __init__(self, host: str, port: int, *, timeout_s: float = 300) -> None:
+        self.base_url = f"http://{host}:{port}"
+        self.timeout_s = timeout_s
+        self._client = DagsterGraphQLClient(host, port_number=port, timeout=30)
+
+    def run(
+        self,
+        job_name: str,
+        run_config: Mapping[str, Any],
+        *,
+        tags: dict[str, str] | None = None,
+        progress: Callable[[str], None] = lambda _msg: None,
+    ) -> RunOutcome:
+        try:
+            run_id = self._client.submit_job_execution(
+                job_name, run_config=run_config, tags=tags or {}
+            )
+        except DagsterGraphQLClientError as exc:
+            raise LaunchError(f"cannot launch {job_name} at {self.base_url}: {exc}") from exc
+        except OSError as exc:  # requests' ConnectionError is an OSError
+            raise LaunchError(f"the Dagster webserver at {self.base_url} is unreachable") from exc
+        url = f"{self.base_url}/runs/{run_id}"
+        progress(f"launched {job_name}: {url}")
+        deadline = time.monotonic() + self.timeout_s
+        status = self._client.get_run_status(run_id)
+        while status not in TERMINAL:
+            if time.monotonic() > deadline:
+                raise LaunchError(f"run {run_id} still {status.value} after {self.timeout_s:.0f}s")
+            time.sleep(0.5)
+            status = self._client.get_run_status(run_id)
+        errors = [] if status == DagsterRunStatus.SUCCESS else self.errors(run_id)
+        return RunOutcome(run_id, status, errors, url)
+
+    def errors(self, run_id: str) -> list[str]:
+        """Step failure messages first (they carry the operator-facing reason)."""
+        response = requests.post(
+            f"{self.base_url}/graphql",
+            json={"query": _RUN_ERRORS, "variables": {"runId": run_id}},
+            timeout=30,
+        )
+        response.raise_for_status()
+        events = response.json()["data"]["logsForRun"].get("events", [])
+        steps = [e["error"]["message"].strip() for e in events if e.get("error")]
+        runs = [e["message"] for e in events if e["__typename"] == "RunFailureEvent"]
+        return steps or runs
