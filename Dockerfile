@@ -22,8 +22,12 @@ RUN groupadd --system --gid 10001 iot \
 WORKDIR /opt/iot-platform
 # Sources only (see .dockerignore: no .venv, .iot, certs, tests, .git, .env).
 COPY . .
-RUN pip install --no-cache-dir . \
-    && rm -rf build ./*.egg-info \
+# Editable: the dbt project (dbt_models/) stays next to the code that loads it, and its
+# manifest is made here, at build time (no database needed), never when Dagster loads.
+RUN pip install --no-cache-dir -e . \
+    && dbt parse --quiet --project-dir dbt_models --profiles-dir dbt_models \
+    && install -d -o iot -g iot dbt_models/target dbt_models/logs \
+    && chown -R iot:iot dbt_models/target dbt_models/logs \
     && iot-platform --help >/dev/null \
     && for tool in iot-ingest dagster dagster-webserver dagster-daemon; do \
          command -v "$tool" >/dev/null || exit 1; \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from iot_platform.defs.assets import load, pki, rollups
+from iot_platform.defs.assets.dbt import analytics_dbt_models, dbt_build_schedule, dbt_resource
 from iot_platform.defs.checks import device_health_checks, device_health_job, device_health_schedule
 from iot_platform.defs.enrollment import enroll_device, revoke_certificate
 from iot_platform.defs.jobs import load_job
@@ -18,6 +19,7 @@ defs = dg.Definitions(
         *dg.load_assets_from_modules([rollups]),
         pki.crl,
         pki.device_certificates,
+        analytics_dbt_models,
     ],
     asset_checks=[
         device_health_checks,
@@ -27,6 +29,6 @@ defs = dg.Definitions(
     ],
     jobs=[load_job, device_health_job, enroll_device, revoke_certificate, pki.crl_refresh_job],
     sensors=[raw_batch_sensor],
-    schedules=[device_health_schedule, pki.crl_refresh_schedule],
-    resources=build_resources(),
+    schedules=[device_health_schedule, pki.crl_refresh_schedule, dbt_build_schedule],
+    resources={**build_resources(), "dbt": dbt_resource},
 )
