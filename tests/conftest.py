@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.fixtures.services", "tests.fixtures.ingest", "tests.fixtures.timescale"]
+pytest_plugins = [
+    "tests.fixtures.services",
+    "tests.fixtures.ingest",
+    "tests.fixtures.timescale",
+    "tests.fixtures.stack",
+]

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -21,13 +16,11 @@ import pytest
 from cryptography import x509
 
 from iot_platform.objectstore import LocalDirectoryStore
-from iot_platform.pki import CertificateAuthority
-from iot_platform.services.process import free_port
 from tests.fixtures.ingest import stored_rows
+from tests.fixtures.stack import Stack, stack_ca, stack_warehouse
 from tests.mqtt_helpers import open_session
 
 pytestmark = pytest.mark.integration
-READY_LINE = "IoT platform is up"
 
 
 def _descendants(pid: int) -> set[int]:
@@ -64,69 +57,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-class Stack:
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.proc: subprocess.Popen[str] | None = None
-        self.output: list[str] = []
-
-    def start(self, timeout: float = 240) -> str:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "iot_platform.cli", "up"],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                pytest.fail("iot-platform up exited early:\n" + "".join(self.output))
-            self.output.append(line)
-            if READY_LINE in line:
-                summary = [line]
-                while "State, logs" not in summary[-1]:  # the summary's last line
-                    summary.append(self.proc.stdout.readline())
-                self.output.extend(summary[1:])
-                return "".join(summary)
-        pytest.fail("iot-platform up not ready in time:\n" + "".join(self.output))
-
-    def interrupt(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGINT)
-        rest, _ = self.proc.communicate(timeout=90)
-        self.output.append(rest)
-        return self.proc.returncode
-
-
-@pytest.fixture
-def stack_env() -> Iterator[dict[str, str]]:
-    home = Path(tempfile.mkdtemp(prefix="iot-stack-"))
-    home.chmod(0o755)  # PostgreSQL runs as user `postgres` when the suite runs as root
-    env = dict(os.environ)
-    env.update(
-        IOT_HOME=str(home / "state"),
-        IOT_CERTS_DIR=str(home / "certs"),
-        IOT_PG_PORT=str(free_port()),
-        IOT_BROKER_PORT=str(free_port()),
-        IOT_DAGSTER_PORT=str(free_port()),
-        INGEST_METRICS_PORT=str(free_port()),
-        INGEST_MAX_AGE_S="1",
-    )
-    for name in (
-        "IOT_CA_PASSPHRASE",
-        "IOT_CA_PASSPHRASE_FILE",
-        "IOT_PG_PASSWORD",
-        "IOT_PG_PASSWORD_FILE",
-        "DAGSTER_HOME",
-    ):
-        env.pop(name, None)
-    yield env
-    shutil.rmtree(home, ignore_errors=True)
 
 
 def _graphql(url: str, query: str) -> dict:
@@ -177,21 +107,11 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
         _wait_daemon_healthy(url)
 
         home = Path(stack_env["IOT_HOME"])
-        password = (home / "secrets" / "pg_password").read_text().strip()
-        warehouse = psycopg.conninfo.make_conninfo(
-            host="127.0.0.1",
-            port=int(stack_env["IOT_PG_PORT"]),
-            user="iot",
-            password=password,
-            dbname="iot",
-        )
+        warehouse = stack_warehouse(stack_env)
         with psycopg.connect(warehouse) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
 
-        ca = CertificateAuthority(
-            Path(stack_env["IOT_CERTS_DIR"]),
-            (home / "secrets" / "ca_passphrase").read_text().strip(),
-        )
+        ca = stack_ca(stack_env)
         device_id = f"stack-{secrets.token_hex(3)}"
         issued = ca.issue_device_certificate(device_id)
         cert, key = ca.device_paths(device_id)

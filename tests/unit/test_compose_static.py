@@ -655,9 +655,16 @@ def test_mosquitto_reads_what_pki_init_renders(services, broker_args):
     argv = command(broker)
     script = argv[-1]
     assert f"-c {config.config_dir / 'mosquitto.conf'}" in script, "mosquitto's -c path"
-    # The CRL watcher polls the broker's crlfile and signals the shell's PID ($$), which
-    # must have become mosquitto by exec.
-    assert f"crl={paths['crlfile']}" in script and 'kill -HUP "$$"' in script
+    # The watcher polls the broker's crlfile and acl_file and signals the shell's PID ($$),
+    # which must have become mosquitto by exec.
+    watched = f'watched="{paths["crlfile"]} {paths["acl_file"]}"'
+    assert watched in script and 'kill -HUP "$$"' in script
+    # revoke_certificate (dagster-code) rewrites the very ACL file the broker reads.
+    code = services["dagster-code"]
+    assert environment(code)["IOT_BROKER_ACL_FILE"] == str(paths["acl_file"])
+    on_code = mount_for(code, paths["acl_file"])
+    assert on_code and not on_code.read_only
+    assert on_code.source == mount_for(broker, paths["acl_file"]).source
     assert re.search(r"^exec /usr/sbin/mosquitto ", script, flags=re.MULTILINE), (
         "the CRL watcher signals the shell's PID: the shell must exec mosquitto"
     )
