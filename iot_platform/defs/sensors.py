@@ -12,7 +12,7 @@ from iot_platform.discovery import Cursor, discover
 from iot_platform.objectstore import ObjectStoreError
 from iot_platform.settings import env_float, env_int
 
-SENSOR_INTERVAL_S = env_int("IOT_SENSOR_INTERVAL_S", 10, minimum=1)
+SENSOR_INTERVAL_S = env_int("IOT_SENSOR_INTERVAL_S", 5, minimum=1)
 
 
 @dg.sensor(
