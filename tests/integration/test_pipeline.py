@@ -37,10 +37,10 @@ def _warehouse(conninfo: str) -> WarehouseResource:
     )
 
 
-def _fill_hours(store, seq0: int = 0) -> list[str]:
-    """Three batches per hour for HOURS; returns their keys."""
+def _fill_hours(store, seq0: int = 0, hours: tuple[str, ...] = HOURS) -> list[str]:
+    """Three batches per hour (default HOURS); returns their keys."""
     keys = []
-    for h, hour in enumerate(HOURS):
+    for h, hour in enumerate(hours):
         start = dt.datetime.strptime(hour, "%Y-%m-%d-%H:%M").replace(tzinfo=dt.UTC)
         for b in range(3):
             messages = telemetry_messages(
@@ -195,10 +195,11 @@ def test_sensor_discovery_over_thousands_of_objects(backend, tmp_path, s3_server
 
 def test_sensor_requests_one_run_per_hour_with_its_manifest(resources):
     store = resources["object_store"].store()
-    keys = _fill_hours(store)
-    # The batches are "recent" relative to the real clock only if we build them so:
-    now_keys = []
+    # A first tick looks back 24 h: the hours must be recent relative to the real clock.
     now = dt.datetime.now(dt.UTC)
+    recent = tuple(f"{now - dt.timedelta(hours=h):%Y-%m-%d-%H}:00" for h in (3, 2))
+    keys = _fill_hours(store, hours=recent)
+    now_keys = []
     for n, delta in enumerate((dt.timedelta(minutes=2), dt.timedelta(seconds=30))):
         info = put_batch(store, telemetry_messages(DEVICES[:1], now - delta, 1), seq=100 + n)
         now_keys.append(info.key)
