@@ -172,6 +172,27 @@ def _cmd_devices_cert(settings: PlatformSettings, args: argparse.Namespace) -> i
     return 0
 
 
+def _cmd_simulate(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    from iot_platform.simulate import parse_faults, simulate
+    from iot_platform.stack import warehouse_conninfo
+
+    try:
+        faults = parse_faults(args.fault if args.fault is not None else settings.simulator_faults)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    simulate(
+        settings,
+        warehouse_conninfo(settings),
+        count=args.devices if args.devices is not None else settings.simulator_devices,
+        interval_s=args.interval or settings.simulator_interval_s,
+        hello_interval_s=args.hello_interval,
+        duration_s=args.duration,
+        faults=faults,
+        prefix=args.prefix,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iot-platform", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -236,6 +257,24 @@ def build_parser() -> argparse.ArgumentParser:
     cert = devices.add_parser("cert", help="a device's certificates and its current PEM")
     cert.add_argument("device_id")
     cert.set_defaults(handler=_cmd_devices_cert)
+
+    simulate = commands.add_parser(
+        "simulate", help="enroll a simulated fleet via enroll_device and publish until Ctrl-C"
+    )
+    simulate.add_argument("--devices", type=int, help="fleet size (IOT_SIMULATOR_DEVICES)")
+    simulate.add_argument("--interval", type=float, help="seconds between telemetry messages")
+    simulate.add_argument(
+        "--hello-interval", type=float, default=30.0, help="seconds between hello messages"
+    )
+    simulate.add_argument("--duration", type=float, help="stop after this many seconds")
+    simulate.add_argument(
+        "--fault",
+        action="append",
+        help="INDEX=FAULT[,FAULT] (gap, duplicate, malformed, skew, silence); repeatable; "
+        "default IOT_SIMULATOR_FAULTS",
+    )
+    simulate.add_argument("--prefix", default="sim", help="device id prefix (default sim)")
+    simulate.set_defaults(handler=_cmd_simulate)
     return parser
 
 

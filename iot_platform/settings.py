@@ -119,6 +119,9 @@ class PlatformSettings:
     s3_bucket: str
     s3_secure: bool
     s3_timeout_s: float
+    simulator_devices: int
+    simulator_interval_s: float
+    simulator_faults: tuple[str, ...]
 
     @classmethod
     def from_env(cls) -> PlatformSettings:
@@ -151,4 +154,9 @@ class PlatformSettings:
             s3_bucket=env_str("IOT_S3_BUCKET", "iot-raw"),
             s3_secure=env_bool("IOT_S3_SECURE", False),
             s3_timeout_s=env_float("IOT_S3_TIMEOUT_S", 10.0, minimum=0.5),
+            simulator_devices=env_int("IOT_SIMULATOR_DEVICES", 4, minimum=0),
+            simulator_interval_s=env_float("IOT_SIMULATOR_INTERVAL_S", 10.0, minimum=0.1),
+            # One visibly faulty device by default, so the health checks have something
+            # to flag: device 1 (a meter-ac) reports timestamps ~10 minutes off.
+            simulator_faults=tuple(env_str("IOT_SIMULATOR_FAULTS", "1=skew").split()),
         )

@@ -2,7 +2,9 @@
 
 State lives under ``IOT_HOME`` (default ``.iot/``): PostgreSQL data, broker config and
 persistence, Dagster home, logs and generated local secrets. A second start reuses it.
-Ctrl-C or SIGTERM stops the children in reverse start order, each by its PID.
+A child that exits is restarted (at most MAX_RESTARTS times per RESTART_WINDOW_S; a
+crash loop stops everything). Ctrl-C or SIGTERM stops the children in reverse start
+order, each by its PID.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ import signal
 import sys
 import time
 import urllib.request
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -31,6 +36,8 @@ from iot_platform.warehouse.migrations import migrate
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+WORKSPACE = str(PROJECT_ROOT / "workspace.yaml")
+BINDIR = Path(sys.executable).parent
 SERVICE_IDENTITIES = [INGEST_IDENTITY]
 
 
@@ -100,8 +107,34 @@ def prepare_pki(settings: PlatformSettings) -> list[str]:
     )
 
 
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600
+
+
+@dataclass
+class Supervised:
+    """A child and how to start it again: a crash is restarted, a crash loop stops the stack."""
+
+    name: str
+    process: ChildProcess
+    start: Callable[[], ChildProcess | None]
+    restarts: deque[float] = field(default_factory=deque)
+
+    def may_restart(self, now: float) -> bool:
+        while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
+            self.restarts.popleft()
+        return len(self.restarts) < MAX_RESTARTS
+
+    def restart(self) -> None:
+        self.restarts.append(time.monotonic())
+        self.process.stop()  # reap it and whatever it left in its process group
+        process = self.start()
+        assert process is not None, f"{self.name} did not start"
+        self.process = process
+
+
 class EmbeddedStack:
-    """Starts, watches and stops the embedded services."""
+    """Starts, watches (restarting what crashes) and stops the embedded services."""
 
     def __init__(self, settings: PlatformSettings) -> None:
         self.settings = settings
@@ -116,7 +149,7 @@ class EmbeddedStack:
         )
         self.broker = MosquittoBroker(broker_config(settings), log_path=self.logs / "mosquitto.log")
         self.ingest_metrics_port = env_int("INGEST_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1)
-        self.children: list[tuple[str, ChildProcess]] = []
+        self.children: list[Supervised] = []
         self._stopping = False
 
     # ---- lifecycle -----------------------------------------------------------
@@ -139,18 +172,29 @@ class EmbeddedStack:
         created = prepare_pki(self.settings)
         if created:
             log.info("PKI: created %s in %s", ", ".join(created), self.settings.certs_dir)
-        self.postgres.start()
-        self.children.append(("postgres", self.postgres.process))  # type: ignore[arg-type]
+        self._supervise("postgres", lambda: self.postgres.start().process)
         for database in (self.settings.pg_database, self.settings.dagster_database):
             if self.postgres.ensure_database(database):
                 log.info("created database %s", database)
         with psycopg.connect(self.postgres.conninfo(self.settings.pg_database)) as conn:
             dialect, applied = migrate(conn)
         log.info("warehouse (%s): %s", dialect.value, ", ".join(applied) or "schema up to date")
-        self.broker.start()
-        self.children.append(("mosquitto", self.broker.process))  # type: ignore[arg-type]
-        self._start_ingest()
-        self._start_dagster()
+        self._supervise("mosquitto", lambda: self.broker.start().process)
+        self._supervise("ingest", self._start_ingest)
+        self._supervise("dagster-webserver", self._start_webserver)
+        self._supervise("dagster-daemon", self._start_daemon)
+        if self.settings.simulator_devices:
+            self._supervise("simulator", self._start_simulator)
+
+    def _supervise(self, name: str, start: Callable[[], ChildProcess | None]) -> None:
+        process = start()
+        assert process is not None, f"{name} did not start"
+        self.children.append(Supervised(name, process, start))
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ChildProcess:
+        return ChildProcess(
+            name, argv, self.logs / f"{name}.log", env=env, cwd=PROJECT_ROOT
+        ).start()
 
     def _platform_env(self) -> dict[str, str]:
         """What every child needs to find the platform; secrets are added per child."""
@@ -163,23 +207,23 @@ class EmbeddedStack:
             IOT_BROKER_PORT=str(s.broker_port),
             IOT_OBJECT_STORE=s.object_store,
             IOT_LOCAL_STORE_DIR=str(s.local_store_dir),
+            IOT_PG_HOST=s.pg_host,
+            IOT_PG_PORT=str(s.pg_port),
+            IOT_PG_USER=s.pg_user,
+            IOT_PG_DB=s.pg_database,
+            IOT_DAGSTER_HOST=s.dagster_host,
+            IOT_DAGSTER_PORT=str(s.dagster_port),
         )
         return env
 
-    def _start_ingest(self) -> None:
+    def _start_ingest(self) -> ChildProcess:
         env = self._platform_env()
         env["INGEST_METRICS_PORT"] = str(self.ingest_metrics_port)
-        ingest = ChildProcess(
-            "ingest",
-            [sys.executable, "-m", "ingest_daemon"],
-            self.logs / "ingest.log",
-            env=env,
-            cwd=PROJECT_ROOT,
-        ).start()
-        self.children.append(("ingest", ingest))
+        ingest = self._spawn("ingest", [sys.executable, "-m", "ingest_daemon"], env)
         ingest.wait_until(
             lambda: _http_ok(f"{self.ingest_url}/healthz"), timeout=60, what="MQTT connected"
         )
+        return ingest
 
     @property
     def ingest_url(self) -> str:
@@ -193,11 +237,7 @@ class EmbeddedStack:
         env = self._platform_env()
         env.update(
             DAGSTER_HOME=str(dagster_home),
-            IOT_PG_HOST=s.pg_host,
-            IOT_PG_PORT=str(s.pg_port),
-            IOT_PG_USER=s.pg_user,
             IOT_PG_PASSWORD=self.pg_password.value,
-            IOT_PG_DB=s.pg_database,
             IOT_DAGSTER_DB=s.dagster_database,
             IOT_BROKER_PID_FILE=str(self.broker.pid_file),
             IOT_BROKER_ACL_FILE=str(self.broker.config.config_dir / "acl"),
@@ -210,37 +250,25 @@ class EmbeddedStack:
         env["IOT_CA_PASSPHRASE"] = local_secret(s, "IOT_CA_PASSPHRASE", "ca_passphrase").value
         return env
 
-    def _start_dagster(self) -> None:
+    def _start_webserver(self) -> ChildProcess:
         s = self.settings
-        env = self._dagster_env()
-        bindir = Path(sys.executable).parent
-        workspace = str(PROJECT_ROOT / "workspace.yaml")
-        webserver = ChildProcess(
-            "dagster-webserver",
-            [
-                str(bindir / "dagster-webserver"),
-                "-h",
-                s.dagster_host,
-                "-p",
-                str(s.dagster_port),
-                "-w",
-                workspace,
-            ],
-            self.logs / "dagster-webserver.log",
-            env=env,
-            cwd=PROJECT_ROOT,
-        ).start()
-        self.children.append(("dagster-webserver", webserver))
-        daemon = ChildProcess(
-            "dagster-daemon",
-            [str(bindir / "dagster-daemon"), "run", "-w", workspace],
-            self.logs / "dagster-daemon.log",
-            env=env,
-            cwd=PROJECT_ROOT,
-        ).start()
-        self.children.append(("dagster-daemon", daemon))
+        argv = [str(BINDIR / "dagster-webserver"), "-h", s.dagster_host, "-p", str(s.dagster_port)]
+        webserver = self._spawn("dagster-webserver", [*argv, "-w", WORKSPACE], self._dagster_env())
         webserver.wait_until(
             lambda: _http_ok(f"{self.dagster_url}/server_info"), timeout=180, what="HTTP 200"
+        )
+        return webserver
+
+    def _start_daemon(self) -> ChildProcess:
+        argv = [str(BINDIR / "dagster-daemon"), "run", "-w", WORKSPACE]
+        return self._spawn("dagster-daemon", argv, self._dagster_env())
+
+    def _start_simulator(self) -> ChildProcess:
+        """A small fleet enrolled through enroll_device, so a newcomer sees data at once."""
+        return self._spawn(
+            "simulator",
+            [sys.executable, "-m", "iot_platform.cli", "simulate"],
+            self._platform_env(),
         )
 
     @property
@@ -259,8 +287,19 @@ class EmbeddedStack:
                 f"{s.local_store_dir if s.object_store == 'local' else s.s3_endpoint})",
                 f"  PostgreSQL   postgresql://{s.pg_user}@{s.pg_host}:{s.pg_port}/{s.pg_database}"
                 f"  (password: {s.home / 'secrets' / 'pg_password'})",
+                f"  Simulator    {self._simulator_summary()}",
                 f"  State, logs  {s.home}  ({self.logs})",
             ]
+        )
+
+    def _simulator_summary(self) -> str:
+        s = self.settings
+        if not s.simulator_devices:
+            return "off (IOT_SIMULATOR_DEVICES=0)"
+        faults = f", faults {' '.join(s.simulator_faults)}" if s.simulator_faults else ""
+        return (
+            f"{s.simulator_devices} devices enrolled via enroll_device, every "
+            f"{s.simulator_interval_s:g}s{faults}  ({self.logs / 'simulator.log'})"
         )
 
     def handle_signals(self) -> None:
@@ -278,18 +317,32 @@ class EmbeddedStack:
             signal.signal(signum, request_stop)
 
     def watch(self) -> int:
-        """Block until a signal or a child's unexpected exit; returns the exit code."""
+        """Block until a signal; restart a child that exits, unless it keeps crashing."""
         while not self._stopping:
-            for name, child in self.children:
-                if not child.running():
-                    log.error("%s exited unexpectedly; see %s", name, child.log_path)
+            for child in self.children:
+                if child.process.running() or self._stopping:
+                    continue
+                if not child.may_restart(time.monotonic()):
+                    log.error(
+                        "%s exited %d times in %d s; stopping. See %s",
+                        child.name,
+                        MAX_RESTARTS + 1,
+                        RESTART_WINDOW_S,
+                        child.process.log_path,
+                    )
+                    return 1
+                log.warning("%s exited unexpectedly; restarting it", child.name)
+                try:
+                    child.restart()
+                except ServiceError as exc:
+                    log.error("%s could not be restarted: %s", child.name, exc)
                     return 1
             time.sleep(0.5)
         return 0
 
     def stop(self) -> None:
-        for _name, child in reversed(self.children):
-            child.stop()
+        for child in reversed(self.children):
+            child.process.stop()
         self.children.clear()
 
 

@@ -17,46 +17,10 @@ from cryptography import x509
 
 from iot_platform.objectstore import LocalDirectoryStore
 from tests.fixtures.ingest import stored_rows
-from tests.fixtures.stack import Stack, stack_ca, stack_warehouse
+from tests.fixtures.stack import Stack, alive, cmdline, descendants, stack_ca, stack_warehouse
 from tests.mqtt_helpers import open_session
 
 pytestmark = pytest.mark.integration
-
-
-def _descendants(pid: int) -> set[int]:
-    """All live descendants of ``pid`` (from /proc), to prove nothing outlives the stack."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.add(child)
-            stack.append(child)
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return f"pid {pid} (gone)"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _graphql(url: str, query: str) -> dict:
@@ -99,7 +63,7 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
     stack = Stack(stack_env)
     summary = stack.start()
     assert stack.proc is not None
-    children = _descendants(stack.proc.pid)
+    children = descendants(stack.proc.pid)
     try:
         url = re.search(r"Dagster UI\s+(http://\S+)", summary).group(1)
         with urllib.request.urlopen(url, timeout=10) as response:
@@ -193,9 +157,9 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
     assert code == 0, "".join(stack.output)
     assert len(children) >= 5
     deadline = time.monotonic() + 15
-    while (alive := [pid for pid in children if _alive(pid)]) and time.monotonic() < deadline:
+    while (survivors := [pid for pid in children if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert [_cmdline(pid) for pid in alive] == []
+    assert [cmdline(pid) for pid in survivors] == []
 
     # A second start reuses the data: no initdb, no new CA, same databases.
     ca_before = Path(stack_env["IOT_CERTS_DIR"], "ca.crt").read_bytes()

@@ -85,7 +85,7 @@ class Platform:
 @pytest.fixture(scope="module")
 def platform() -> Iterator[Platform]:
     home = Path(tempfile.mkdtemp(prefix="iot-enroll-"))
-    env = make_stack_env(home, IOT_SIMULATOR_DEVICES="0")
+    env = make_stack_env(home)
     stack = Stack(env)
     stack.start()
     try:
