@@ -45,6 +45,26 @@ _AGGREGATE_COLUMNS = """
     PRIMARY KEY (device_id, metric, bucket)
 """
 
+
+def _rollup_of_rollup(name: str, width: str, source: str) -> str:
+    """A hierarchical continuous aggregate: sums of sums, min of mins, first of firsts."""
+    return f"""
+    CREATE MATERIALIZED VIEW {name}
+    WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
+    SELECT time_bucket(INTERVAL '{width}', bucket) AS bucket, device_id, metric,
+           sum(count)::bigint AS count, sum(sum) AS sum, sum(sum) / sum(count) AS avg,
+           min(min) AS min, max(max) AS max,
+           first(first, bucket) AS first, last(last, bucket) AS last
+    FROM {source} GROUP BY 1, 2, 3 WITH NO DATA;"""  # noqa: S608 - DDL from constants
+
+
+def _rollup_table(name: str) -> str:
+    """Plain PostgreSQL: the rollup as a table the refresh asset upserts."""
+    return f"""
+    CREATE TABLE {name} ({_AGGREGATE_COLUMNS});
+    CREATE INDEX {name}_bucket ON {name} (bucket);"""
+
+
 CORE = Migration(
     1,
     "core tables",
@@ -165,7 +185,7 @@ CORE = Migration(
     );
     CREATE INDEX device_health_device ON device_health (device_id, checked_at);
     """,
-    timescale="""
+    timescale=f"""
     SELECT create_hypertable('telemetry', by_range('ts', INTERVAL '1 day'));
     CREATE UNIQUE INDEX telemetry_device_metric_ts ON telemetry (device_id, metric, ts);
     ALTER TABLE telemetry SET (
@@ -181,33 +201,16 @@ CORE = Migration(
            min(value) AS min, max(value) AS max,
            first(value, ts) AS first, last(value, ts) AS last
     FROM telemetry GROUP BY 1, 2, 3 WITH NO DATA;
-    CREATE MATERIALIZED VIEW telemetry_1h
-    WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
-    SELECT time_bucket(INTERVAL '1 hour', bucket) AS bucket, device_id, metric,
-           sum(count)::bigint AS count, sum(sum) AS sum, sum(sum) / sum(count) AS avg,
-           min(min) AS min, max(max) AS max,
-           first(first, bucket) AS first, last(last, bucket) AS last
-    FROM telemetry_1m GROUP BY 1, 2, 3 WITH NO DATA;
-    CREATE MATERIALIZED VIEW telemetry_1d
-    WITH (timescaledb.continuous, timescaledb.materialized_only = true) AS
-    SELECT time_bucket(INTERVAL '1 day', bucket) AS bucket, device_id, metric,
-           sum(count)::bigint AS count, sum(sum) AS sum, sum(sum) / sum(count) AS avg,
-           min(min) AS min, max(max) AS max,
-           first(first, bucket) AS first, last(last, bucket) AS last
-    FROM telemetry_1h GROUP BY 1, 2, 3 WITH NO DATA;
-    """,
+    {_rollup_of_rollup("telemetry_1h", "1 hour", "telemetry_1m")}
+    {_rollup_of_rollup("telemetry_1d", "1 day", "telemetry_1h")}
+    """,  # noqa: S608 - DDL from constants
     postgres=f"""
     CREATE UNIQUE INDEX telemetry_device_metric_ts ON telemetry (device_id, metric, ts);
     -- Cheap to maintain on append-mostly data: BRIN for time ranges, and batch_id grows
     -- monotonically, so its B-tree only ever appends (used when a batch is reloaded).
     CREATE INDEX telemetry_ts_brin ON telemetry USING brin (ts);
     CREATE INDEX telemetry_batch ON telemetry (batch_id);
-    CREATE TABLE telemetry_1m ({_AGGREGATE_COLUMNS});
-    CREATE TABLE telemetry_1h ({_AGGREGATE_COLUMNS});
-    CREATE TABLE telemetry_1d ({_AGGREGATE_COLUMNS});
-    CREATE INDEX telemetry_1m_bucket ON telemetry_1m (bucket);
-    CREATE INDEX telemetry_1h_bucket ON telemetry_1h (bucket);
-    CREATE INDEX telemetry_1d_bucket ON telemetry_1d (bucket);
+    {"".join(_rollup_table(name) for name in ("telemetry_1m", "telemetry_1h", "telemetry_1d"))}
     """,
 )
 
