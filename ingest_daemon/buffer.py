@@ -8,6 +8,12 @@ Each message keeps its packet id (0 for QoS 0: nothing to acknowledge) and the b
 remembers which connection epoch its rows arrived on: a packet id is only meaningful on
 the connection that delivered it, so acks for an older epoch are dropped (the broker
 redelivers those messages on the resumed session, and they are acked then).
+
+``received_at`` is strictly increasing within a daemon: the messages of one run get
+consecutive microseconds from the read time on. Scalar and parametrised topics carry no
+device timestamp, so ``received_at`` is their ``ts`` and part of their identity; equal
+stamps for one run (a burst redelivered after a restart) would make distinct readings
+look like duplicates.
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from itertools import repeat
 
 ROW_OVERHEAD_BYTES = 16  # per row on top of payload and topic, for the max-bytes budget
 
@@ -65,6 +70,7 @@ class MessageBuffer:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._batch = Batch()
+        self._last_received_us = 0
 
     def append(
         self,
@@ -99,6 +105,8 @@ class MessageBuffer:
         full: list[Batch] = []
         start = 0
         with self._lock:
+            first_us = max(received_at_us, self._last_received_us + 1)
+            self._last_received_us = first_us + count - 1
             while start < count:
                 batch = self._batch
                 rows = len(batch.payloads)
@@ -125,7 +133,7 @@ class MessageBuffer:
                     whole = start == 0 and stop == count
                     run_topics = topics if whole else topics[start:stop]
                     run_payloads = payloads if whole else payloads[start:stop]
-                batch.received_at_us.extend(repeat(received_at_us, stop - start))
+                batch.received_at_us.extend(range(first_us + start, first_us + stop))
                 batch.topics.extend(run_topics)
                 batch.payloads.extend(run_payloads)
                 batch.qos.extend(qos if whole else qos[start:stop])

@@ -18,4 +18,6 @@ load_job = dg.define_asset_job(
         TELEMETRY, DEVICE_EVENTS, TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D
     ),
     description="Decode and load raw batches of one receive hour, then refresh the rollups.",
+    # Loads are idempotent (the ledger), so a failed run is simply re-run from its failure.
+    tags={"dagster/max_retries": "3", "dagster/retry_strategy": "FROM_FAILURE"},
 )

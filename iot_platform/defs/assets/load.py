@@ -18,7 +18,7 @@ from pydantic import Field
 from iot_platform.defs.assets.keys import DEVICE_EVENTS, RAW_BATCHES, TELEMETRY
 from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
-from iot_platform.objectstore import ObjectNotFound, ObjectStoreError
+from iot_platform.objectstore import ObjectNotFound
 from iot_platform.rawbatch import hour_prefix
 from iot_platform.warehouse.load import BatchLoad, known_devices, load_object, load_parameters
 
@@ -33,9 +33,10 @@ raw_batches = dg.AssetSpec(
     ),
 )
 
-# Loads share the warehouse; a short outage (PostgreSQL restart, object store down)
-# is retried instead of failing the hour.
-LOAD_RETRY = dg.RetryPolicy(max_retries=4, delay=5, backoff=dg.Backoff.EXPONENTIAL)
+# Loads share the warehouse; an outage (PostgreSQL restart, object store down) is retried
+# with backoff (5, 10, 20, 40, 80 s) instead of failing the hour. Raising the error is
+# what applies the backoff: a bare RetryRequested would retry at once.
+LOAD_RETRY = dg.RetryPolicy(max_retries=5, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 
 class LoadConfig(dg.Config):
@@ -101,8 +102,6 @@ def load_raw_batches(
         raise dg.Failure(
             f"a manifest key is missing from the object store: {exc}", allow_retries=False
         ) from exc
-    except ObjectStoreError as exc:
-        raise dg.RetryRequested(max_retries=LOAD_RETRY.max_retries) from exc
     context.log.info(f"partition {partition}: loading {len(infos)} batches ({mode})")
 
     loads: list[BatchLoad] = []
