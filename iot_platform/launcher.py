@@ -35,6 +35,27 @@ query RunErrors($runId: ID!) {
 """
 
 
+_LAUNCH_BACKFILL = """
+mutation Backfill($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on Error { message }
+  }
+}
+"""
+
+_BACKFILL_STATUS = """
+query Backfill($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status }
+    ... on Error { message }
+  }
+}
+"""
+
+
 class LaunchError(ServiceError):
     """The job could not be launched or followed (webserver down, unknown job, bad config)."""
 
@@ -89,13 +110,38 @@ class JobLauncher:
 
     def errors(self, run_id: str) -> list[str]:
         """Step failure messages first (they carry the operator-facing reason)."""
-        response = requests.post(
-            f"{self.base_url}/graphql",
-            json={"query": _RUN_ERRORS, "variables": {"runId": run_id}},
-            timeout=30,
-        )
-        response.raise_for_status()
-        events = response.json()["data"]["logsForRun"].get("events", [])
+        events = self._graphql(_RUN_ERRORS, runId=run_id)["logsForRun"].get("events", [])
         steps = [e["error"]["message"].strip() for e in events if e.get("error")]
         runs = [e["message"] for e in events if e["__typename"] == "RunFailureEvent"]
         return steps or runs
+
+    def backfill(self, asset_keys: list[list[str]], partitions: list[str]) -> str:
+        """Backfill ``partitions`` of the assets (as the UI's Materialize -> Backfill does)
+        and wait until the daemon has finished it; returns the backfill's final status."""
+        params = {
+            "assetSelection": [{"path": key} for key in asset_keys],
+            "partitionNames": partitions,
+            "fromFailure": False,
+        }
+        launched = self._graphql(_LAUNCH_BACKFILL, params=params)["launchPartitionBackfill"]
+        if launched["__typename"] != "LaunchBackfillSuccess":
+            raise LaunchError(f"backfill refused: {launched.get('message', launched)}")
+        backfill_id = launched["backfillId"]
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            status = self._graphql(_BACKFILL_STATUS, id=backfill_id)["partitionBackfillOrError"]
+            if status.get("status") not in {"REQUESTED", "CANCELING", None}:
+                return status["status"]
+            if time.monotonic() > deadline:
+                raise LaunchError(f"backfill {backfill_id} not done after {self.timeout_s:.0f}s")
+            time.sleep(1)
+
+    def _graphql(self, query: str, **variables: Any) -> dict[str, Any]:
+        response = requests.post(
+            f"{self.base_url}/graphql", json={"query": query, "variables": variables}, timeout=30
+        )
+        response.raise_for_status()
+        body = response.json()
+        if body.get("errors"):
+            raise LaunchError(f"GraphQL error: {body['errors'][0].get('message')}")
+        return body["data"]

@@ -19,10 +19,18 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from iot_platform.defs.assets.keys import (
+    DEVICE_EVENTS,
+    TELEMETRY,
+    TELEMETRY_1D,
+    TELEMETRY_1H,
+    TELEMETRY_1M,
+)
 from iot_platform.launcher import JobLauncher
 from tests.fixtures.stack import Stack, make_stack_env, stack_warehouse
 
 pytestmark = pytest.mark.integration
+LOAD_ASSETS = [TELEMETRY, DEVICE_EVENTS, TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D]
 
 # The e2e fleet (prefix e2e): index -> kind by the simulator's rotation.
 E2E = {
@@ -94,7 +102,8 @@ def test_devices_to_marts_with_every_fault_flagged(stack):
         )
         assert (
             conn.execute(
-                "SELECT count(*) FROM certificate_audit WHERE action = 'issue' AND actor = 'simulator'"
+                "SELECT count(*) FROM certificate_audit"
+                " WHERE action = 'issue' AND actor = 'simulator'"
             ).fetchone()[0]
             >= 4
         )
@@ -149,6 +158,40 @@ def test_devices_to_marts_with_every_fault_flagged(stack):
             params=[e2e_ids],
         )
         assert dict(got) == expected
+
+        # A backfill launched as from the UI reloads the hours idempotently: every batch
+        # is loaded once more, the counts do not move.
+        ledger = dict(
+            conn.execute(
+                "SELECT object_key, load_count FROM ingest_batches"
+                " WHERE batch_id IN (SELECT DISTINCT batch_id FROM telemetry"
+                "  WHERE device_id = ANY(%s))",
+                [e2e_ids],
+            ).fetchall()
+        )
+        hours = sorted(
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT partition_key FROM ingest_batches WHERE object_key = ANY(%s)",
+                [list(ledger)],
+            )
+        )
+        conn.commit()
+        status = launcher.backfill([list(k.path) for k in LOAD_ASSETS], hours)
+        assert status.startswith("COMPLETED"), status
+        reloaded = dict(
+            conn.execute(
+                "SELECT object_key, load_count FROM ingest_batches WHERE object_key = ANY(%s)",
+                [list(ledger)],
+            ).fetchall()
+        )
+        assert all(reloaded[key] > count for key, count in ledger.items()), (ledger, reloaded)
+        after = conn.execute(
+            "SELECT device_id, count(*) FROM telemetry WHERE device_id = ANY(%s)"
+            " GROUP BY device_id",
+            [e2e_ids],
+        ).fetchall()
+        assert dict(after) == expected
 
         # dbt: the marts build on this data and their tests pass.
         dbt = launcher.run("dbt_build_job", {})
