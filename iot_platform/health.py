@@ -39,6 +39,7 @@ class HealthSettings:
     duplicate_rate: float
     reject_rate: float
     bounds: dict[str, tuple[float, float]]
+    cert_expiry: dt.timedelta = dt.timedelta(days=30)
 
     @classmethod
     def from_env(cls) -> HealthSettings:
@@ -57,6 +58,7 @@ class HealthSettings:
             duplicate_rate=env_float("IOT_HEALTH_DUPLICATE_RATE", 0.01, minimum=0),
             reject_rate=env_float("IOT_HEALTH_REJECT_RATE", 0.05, minimum=0),
             bounds=bounds,
+            cert_expiry=dt.timedelta(days=env_float("IOT_HEALTH_CERT_EXPIRY_DAYS", 30, minimum=0)),
         )
 
 
@@ -201,6 +203,27 @@ def _reject_rate(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, d
     )
 
 
+def expiring_certificates(
+    conn: psycopg.Connection, s: HealthSettings, now: dt.datetime
+) -> list[tuple[str, dict]]:
+    """Devices whose newest valid certificate expires within the window (a renewal clears it)."""
+    return _rows(
+        conn,
+        """
+        SELECT device_id, jsonb_build_object(
+                   'not_after', max(not_after),
+                   'days_left', round(extract(epoch FROM max(not_after) - %(now)s)::numeric
+                                      / 86400, 1))
+        FROM device_certificates
+        WHERE revoked_at IS NULL AND not_after > %(now)s
+        GROUP BY device_id
+        HAVING max(not_after) <= %(now)s + %(window)s
+        ORDER BY 1
+        """,
+        {"now": now, "window": s.cert_expiry},
+    )
+
+
 RULES: tuple[Rule, ...] = (
     Rule(
         "silent_devices",
@@ -232,6 +255,12 @@ RULES: tuple[Rule, ...] = (
         "error",
         "Share of a device's messages rejected by the decoder above IOT_HEALTH_REJECT_RATE.",
         _reject_rate,
+    ),
+    Rule(
+        "certificate_expiring",
+        "warn",
+        "The device's newest valid certificate expires within IOT_HEALTH_CERT_EXPIRY_DAYS.",
+        expiring_certificates,
     ),
 )
 

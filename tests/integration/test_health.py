@@ -23,6 +23,7 @@ EXPECTED = {
     "values_out_of_range": {"dev-range"},
     "clock_skew": {"dev-skew"},
     "decode_reject_rate": {"dev-reject"},
+    "certificate_expiring": {"dev-gap"},  # its only certificate ends in 10 days
 }
 
 
@@ -68,6 +69,14 @@ def fleet(postgres_db, tmp_path):
         conn.execute(
             "INSERT INTO devices (device_id) SELECT unnest(%s::text[])",
             [[*GOOD, "dev-silent", "dev-never"]],
+        )
+        conn.execute(
+            """INSERT INTO device_certificates
+                   (serial_hex, device_id, fingerprint_sha256, not_before, not_after)
+               VALUES ('a1', 'dev-gap', 'f1', %(now)s, %(now)s + interval '10 days'),
+                      ('a2', 'dev-good', 'f2', %(now)s, %(now)s + interval '10 days'),
+                      ('a3', 'dev-good', 'f3', %(now)s, %(now)s + interval '300 days')""",
+            {"now": now},
         )
         conn.commit()
         for info in _faulty_fleet(store, now):

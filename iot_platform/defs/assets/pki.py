@@ -12,9 +12,8 @@ from iot_platform.defs.assets.keys import CRL, DEVICE_CERTIFICATES
 from iot_platform.defs.enrollment import PKI_JOB_TAGS
 from iot_platform.defs.resources import BrokerControlResource, PKIResource, WarehouseResource
 from iot_platform.enrollment import denied_identities
+from iot_platform.health import HealthSettings, expiring_certificates
 from iot_platform.pki import utcnow
-
-EXPIRY_WARNING_DAYS = 30
 
 
 @dg.asset(
@@ -111,24 +110,15 @@ def _failing_devices_result(rows: list[tuple], what: str) -> dg.AssetCheckResult
 
 @dg.asset_check(
     asset=DEVICE_CERTIFICATES,
-    description=f"Active certificates expiring within {EXPIRY_WARNING_DAYS} days: re-enroll them.",
+    description="Devices whose newest valid certificate expires within "
+    "IOT_HEALTH_CERT_EXPIRY_DAYS (30): re-enroll them.",
 )
 def certificates_expiring_soon(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.connect() as conn:
-        rows = conn.execute(
-            """
-            SELECT c.device_id, c.not_after FROM device_certificates c
-             WHERE c.revoked_at IS NULL AND c.not_after > now()
-               AND c.not_after <= now() + make_interval(days => %s)
-               AND NOT EXISTS (  -- a renewed certificate that outlives the window clears it
-                   SELECT 1 FROM device_certificates n
-                    WHERE n.device_id = c.device_id AND n.revoked_at IS NULL
-                      AND n.not_after > now() + make_interval(days => %s))
-             ORDER BY c.not_after
-            """,
-            [EXPIRY_WARNING_DAYS, EXPIRY_WARNING_DAYS],
-        ).fetchall()
-    return _failing_devices_result(rows, "not_after")
+        failing = expiring_certificates(conn, HealthSettings.from_env(), utcnow())
+    return _failing_devices_result(
+        [(device, detail["not_after"]) for device, detail in failing], "not_after"
+    )
 
 
 @dg.asset_check(
