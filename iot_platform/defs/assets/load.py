@@ -20,7 +20,7 @@ from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.objectstore import ObjectNotFound
 from iot_platform.rawbatch import hour_prefix
-from iot_platform.warehouse.load import BatchLoad, known_devices, load_object, load_parameters
+from iot_platform.warehouse.load import BatchLoad, known_devices, load_objects, load_parameters
 
 raw_batches = dg.AssetSpec(
     key=RAW_BATCHES,
@@ -108,18 +108,17 @@ def load_raw_batches(
     with warehouse.connect() as conn:
         parameters = load_parameters(conn)
         devices = known_devices(conn)
-        for n, info in enumerate(infos, 1):
-            loads.append(
-                load_object(
-                    conn,
-                    store,
-                    info,
-                    run_id=context.run.run_id,
-                    parameters=parameters,
-                    devices=devices,
-                    max_payload_bytes=config.max_payload_bytes,
-                )
-            )
+        batches = load_objects(
+            conn,
+            store,
+            infos,
+            run_id=context.run.run_id,
+            parameters=parameters,
+            devices=devices,
+            max_payload_bytes=config.max_payload_bytes,
+        )
+        for n, (_decoded, load, _seconds) in enumerate(batches, 1):
+            loads.append(load)
             if n % 25 == 0 or n == len(infos):
                 context.log.info(f"loaded {n}/{len(infos)} batches")
 
