@@ -113,11 +113,13 @@ RESTART_WINDOW_S = 600
 
 @dataclass
 class Supervised:
-    """A child and how to start it again: a crash is restarted, a crash loop stops the stack."""
+    """A child and how to start it again: a crash is restarted; a crash loop of an
+    essential child stops the stack, of an optional one (the simulator) only drops it."""
 
     name: str
     process: ChildProcess
     start: Callable[[], ChildProcess | None]
+    essential: bool = True
     restarts: deque[float] = field(default_factory=deque)
 
     def may_restart(self, now: float) -> bool:
@@ -131,6 +133,32 @@ class Supervised:
         process = self.start()
         assert process is not None, f"{self.name} did not start"
         self.process = process
+
+
+def supervise(children: list[Supervised], stopping: Callable[[], bool], poll_s: float = 0.5) -> int:
+    """Restart children that exit until ``stopping()``; 1 if an essential one crash-loops."""
+    while not stopping():
+        for child in list(children):
+            if child.process.running() or stopping():
+                continue
+            if not child.may_restart(time.monotonic()):
+                crash_loop = f"{child.name} exited {MAX_RESTARTS + 1} times in "
+                crash_loop += f"{RESTART_WINDOW_S} s; see {child.process.log_path}"
+                if child.essential:
+                    log.error("%s; stopping", crash_loop)
+                    return 1
+                log.error("%s; the platform goes on without it", crash_loop)
+                child.process.stop()
+                children.remove(child)
+                continue
+            log.warning("%s exited unexpectedly; restarting it", child.name)
+            try:
+                child.restart()
+            except ServiceError as exc:
+                log.error("%s could not be restarted: %s", child.name, exc)
+                return 1
+        time.sleep(poll_s)
+    return 0
 
 
 class EmbeddedStack:
@@ -184,12 +212,14 @@ class EmbeddedStack:
         self._supervise("dagster-webserver", self._start_webserver)
         self._supervise("dagster-daemon", self._start_daemon)
         if self.settings.simulator_devices:
-            self._supervise("simulator", self._start_simulator)
+            self._supervise("simulator", self._start_simulator, essential=False)
 
-    def _supervise(self, name: str, start: Callable[[], ChildProcess | None]) -> None:
+    def _supervise(
+        self, name: str, start: Callable[[], ChildProcess | None], *, essential: bool = True
+    ) -> None:
         process = start()
         assert process is not None, f"{name} did not start"
-        self.children.append(Supervised(name, process, start))
+        self.children.append(Supervised(name, process, start, essential))
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ChildProcess:
         return ChildProcess(
@@ -318,27 +348,7 @@ class EmbeddedStack:
 
     def watch(self) -> int:
         """Block until a signal; restart a child that exits, unless it keeps crashing."""
-        while not self._stopping:
-            for child in self.children:
-                if child.process.running() or self._stopping:
-                    continue
-                if not child.may_restart(time.monotonic()):
-                    log.error(
-                        "%s exited %d times in %d s; stopping. See %s",
-                        child.name,
-                        MAX_RESTARTS + 1,
-                        RESTART_WINDOW_S,
-                        child.process.log_path,
-                    )
-                    return 1
-                log.warning("%s exited unexpectedly; restarting it", child.name)
-                try:
-                    child.restart()
-                except ServiceError as exc:
-                    log.error("%s could not be restarted: %s", child.name, exc)
-                    return 1
-            time.sleep(0.5)
-        return 0
+        return supervise(self.children, lambda: self._stopping)
 
     def stop(self) -> None:
         for child in reversed(self.children):
