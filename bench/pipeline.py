@@ -112,6 +112,7 @@ def main() -> int:
             )
             conn.commit()
             params, devices = load_parameters(conn), known_devices(conn)
+            conn.commit()  # as the asset does: one transaction per batch
             decode_s = load_s = 0.0
             rows = 0
             decoded = []

@@ -99,8 +99,14 @@ def _registry(settings: PlatformSettings, device_id: str | None = None) -> list[
     from iot_platform.enrollment import certificates
     from iot_platform.stack import warehouse_conninfo
 
-    with psycopg.connect(warehouse_conninfo(settings)) as conn:
-        return certificates(conn, device_id)
+    try:
+        with psycopg.connect(warehouse_conninfo(settings)) as conn:
+            return certificates(conn, device_id)
+    except psycopg.OperationalError as exc:
+        raise ServiceError(
+            f"cannot read the registry at {settings.pg_host}:{settings.pg_port} "
+            f"(IOT_PG_HOST/IOT_PG_PORT/IOT_PG_PASSWORD): {exc}"
+        ) from None
 
 
 def _print_certificates(rows: list[CertificateRow]) -> None:
@@ -115,11 +121,11 @@ def _cmd_devices_enroll(settings: PlatformSettings, args: argparse.Namespace) ->
     config: dict[str, object] = {
         "device_id": args.device_id,
         "device_type": args.type,
-        "csr_pem": Path(args.csr).read_text() if args.csr else "",
+        "csr_pem": _read_csr(args.csr) if args.csr else "",
         "metadata": dict(_key_value(item) for item in args.meta),
         "revoke_previous": args.revoke_previous,
     }
-    if args.days:
+    if args.days is not None:
         config["validity_days"] = args.days
     outcome = _launch(settings, "enroll_device", "issue_certificate", config)
     if not outcome.succeeded:
@@ -132,6 +138,17 @@ def _cmd_devices_enroll(settings: PlatformSettings, args: argparse.Namespace) ->
         f"certificate {cert_path}"
     )
     return 0
+
+
+def _read_csr(path: str) -> str:
+    """The CSR file's text; a private key is refused before it could reach run storage."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"--csr {path}: {exc}") from None
+    if "PRIVATE KEY" in text:
+        raise SettingsError(f"--csr {path} holds a private key: pass the CSR, keep the key")
+    return text
 
 
 def _key_value(item: str) -> tuple[str, str]:
@@ -176,15 +193,21 @@ def _cmd_simulate(settings: PlatformSettings, args: argparse.Namespace) -> int:
     from iot_platform.simulate import parse_faults, simulate
     from iot_platform.stack import warehouse_conninfo
 
+    count = args.devices if args.devices is not None else settings.simulator_devices
     try:
-        faults = parse_faults(args.fault if args.fault is not None else settings.simulator_faults)
+        if args.fault is not None:
+            faults = parse_faults(args.fault)
+        else:  # the default faults apply to the devices the fleet has
+            faults = {i: f for i, f in parse_faults(settings.simulator_faults).items() if i < count}
+        if any(index >= count for index in faults):
+            raise ValueError(f"--fault names a device index >= the fleet size {count}")
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
     simulate(
         settings,
         warehouse_conninfo(settings),
-        count=args.devices if args.devices is not None else settings.simulator_devices,
-        interval_s=args.interval or settings.simulator_interval_s,
+        count=count,
+        interval_s=args.interval if args.interval is not None else settings.simulator_interval_s,
         hello_interval_s=args.hello_interval,
         duration_s=args.duration,
         faults=faults,
@@ -237,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_subparsers(dest="devices_command", required=True)
     enroll = devices.add_parser("enroll", help="launch enroll_device and wait for it")
     enroll.add_argument("device_id")
-    enroll.add_argument("--type", default="generic", help="device type (default generic)")
+    enroll.add_argument("--type", help="device type (default: keep it; generic when new)")
     enroll.add_argument("--csr", help="PEM CSR file (CN = device id); omit to generate a key")
     enroll.add_argument("--days", type=int, help="validity (default IOT_DEVICE_CERT_DAYS)")
     enroll.add_argument("--meta", action="append", default=[], help="key=value, repeatable")

@@ -19,9 +19,16 @@ import psycopg
 from cryptography import x509
 
 from iot_platform.pki import CertificateAuthority, IssuedCertificate, PKIError, validate_device_id
+from iot_platform.services.mosquitto import INGEST_IDENTITY
 
 MAX_METADATA_BYTES = 4096
 DEVICE_TYPE_MAX_LEN = 64
+MAX_VALIDITY_DAYS = 36_500  # the CA's own validity is checked when signing
+# Service identities have broker privileges (the ingest user reads every topic): a device
+# certificate with such a CN would inherit them, and revoking it would lock the service out.
+RESERVED_IDENTITIES = frozenset({INGEST_IDENTITY})
+# Serialises CRL writers (revocations, refreshes) across processes.
+CRL_LOCK = 0x1_0C_A1
 
 
 class EnrollmentError(PKIError):
@@ -49,7 +56,7 @@ class RevocationReason(enum.Enum):
 @dataclass(frozen=True)
 class EnrollmentRequest:
     device_id: str
-    device_type: str = "generic"
+    device_type: str | None = None  # None: keep the registered type ('generic' when new)
     csr_pem: str = ""
     validity_days: int = 365
     metadata: dict[str, str] = field(default_factory=dict)
@@ -57,10 +64,20 @@ class EnrollmentRequest:
 
     def validate(self, *, allow_server_keygen: bool) -> None:
         validate_device_id(self.device_id)
-        if not self.device_type or len(self.device_type) > DEVICE_TYPE_MAX_LEN:
+        if self.device_id in RESERVED_IDENTITIES:
+            raise EnrollmentError(
+                f"{self.device_id!r} is a platform service identity, not a device"
+            )
+        if self.device_type is not None and not 1 <= len(self.device_type) <= DEVICE_TYPE_MAX_LEN:
             raise EnrollmentError(f"device type must be 1-{DEVICE_TYPE_MAX_LEN} characters")
-        if self.validity_days < 1:
-            raise EnrollmentError(f"validity of {self.validity_days} days: must be at least 1")
+        if not 1 <= self.validity_days <= MAX_VALIDITY_DAYS:
+            raise EnrollmentError(
+                f"validity of {self.validity_days} days: must be 1-{MAX_VALIDITY_DAYS}"
+            )
+        if "PRIVATE KEY" in self.csr_pem:
+            raise EnrollmentError(
+                "that is a private key, not a CSR: keep it on the device and send its CSR"
+            )
         if len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
             raise EnrollmentError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
         if not self.csr_pem.strip() and not allow_server_keygen:
@@ -110,21 +127,27 @@ def enroll(
 ) -> Enrollment:
     """Register (or update) the device and issue its certificate, recorded and audited.
 
-    Any failure rolls the registry back; the CSR is fully validated before anything is
-    written, so an invalid request leaves no trace.
+    One transaction: an invalid request (checked before any file is written: the CSR is
+    parsed and verified before the certificate is signed) rolls the registry back. Only
+    a failure after signing (the commit itself) can leave a signed certificate file that
+    the registry does not list.
     """
     request.validate(allow_server_keygen=allow_server_keygen)
     with conn.transaction():
         conn.execute(
             """
             INSERT INTO devices (device_id, device_type, metadata)
-            VALUES (%s, %s, %s::jsonb)
+            VALUES (%(id)s, coalesce(%(type)s, 'generic'), %(meta)s::jsonb)
             ON CONFLICT (device_id) DO UPDATE
-               SET device_type = EXCLUDED.device_type,
+               SET device_type = coalesce(%(type)s, devices.device_type),
                    metadata = devices.metadata || EXCLUDED.metadata,
                    updated_at = now()
             """,
-            [request.device_id, request.device_type, json.dumps(request.metadata)],
+            {
+                "id": request.device_id,
+                "type": request.device_type,
+                "meta": json.dumps(request.metadata),
+            },
         )
         if request.csr_pem.strip():
             issued = ca.sign_device_csr(
@@ -228,10 +251,24 @@ def _revoke_rows(
     for row in revoked:
         _audit(conn, "revoke", row.serial_hex, row.device_id, actor, {"reason": reason.value})
     if revoked:
-        ca.write_crl(
-            revoke_serials={int(r.serial_hex, 16): reason.flag for r in revoked}, days=crl_days
-        )
+        publish_crl(conn, ca, crl_days=crl_days)
     return revoked
+
+
+def publish_crl(
+    conn: psycopg.Connection, ca: CertificateAuthority, *, crl_days: float
+) -> x509.CertificateRevocationList:
+    """Re-sign the CRL with every revoked serial of the registry (caller's transaction).
+
+    The registry is the source of truth, so a refresh can never drop a revocation; the
+    advisory lock, held until the caller commits, orders concurrent writers.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", [CRL_LOCK])
+    rows = conn.execute(
+        "SELECT serial_hex, reason FROM device_certificates WHERE revoked_at IS NOT NULL"
+    ).fetchall()
+    serials = {int(serial, 16): RevocationReason(reason).flag for serial, reason in rows}
+    return ca.write_crl(revoke_serials=serials, days=crl_days)
 
 
 def _audit(

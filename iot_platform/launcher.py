@@ -99,12 +99,12 @@ class JobLauncher:
         url = f"{self.base_url}/runs/{run_id}"
         progress(f"launched {job_name}: {url}")
         deadline = time.monotonic() + self.timeout_s
-        status = self._client.get_run_status(run_id)
+        status = self._status(run_id)
         while status not in TERMINAL:
             if time.monotonic() > deadline:
                 raise LaunchError(f"run {run_id} still {status.value} after {self.timeout_s:.0f}s")
             time.sleep(0.5)
-            status = self._client.get_run_status(run_id)
+            status = self._status(run_id)
         errors = [] if status == DagsterRunStatus.SUCCESS else self.errors(run_id)
         return RunOutcome(run_id, status, errors, url)
 
@@ -130,17 +130,30 @@ class JobLauncher:
         deadline = time.monotonic() + self.timeout_s
         while True:
             status = self._graphql(_BACKFILL_STATUS, id=backfill_id)["partitionBackfillOrError"]
-            if status.get("status") not in {"REQUESTED", "CANCELING", None}:
+            if "status" not in status:
+                raise LaunchError(f"backfill {backfill_id}: {status.get('message', status)}")
+            if status["status"] not in {"REQUESTED", "CANCELING", "FAILING"}:
                 return status["status"]
             if time.monotonic() > deadline:
                 raise LaunchError(f"backfill {backfill_id} not done after {self.timeout_s:.0f}s")
             time.sleep(1)
 
+    def _status(self, run_id: str) -> DagsterRunStatus:
+        try:
+            return self._client.get_run_status(run_id)
+        except (DagsterGraphQLClientError, requests.RequestException) as exc:
+            raise LaunchError(f"lost track of run {run_id} at {self.base_url}: {exc}") from exc
+
     def _graphql(self, query: str, **variables: Any) -> dict[str, Any]:
-        response = requests.post(
-            f"{self.base_url}/graphql", json={"query": query, "variables": variables}, timeout=30
-        )
-        response.raise_for_status()
+        try:
+            response = requests.post(
+                f"{self.base_url}/graphql",
+                json={"query": query, "variables": variables},
+                timeout=30,
+            )
+            response.raise_for_status()
+        except requests.RequestException as exc:
+            raise LaunchError(f"the Dagster webserver at {self.base_url}: {exc}") from exc
         body = response.json()
         if body.get("errors"):
             raise LaunchError(f"GraphQL error: {body['errors'][0].get('message')}")

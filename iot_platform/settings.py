@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+CRL_REFRESH_HOURS = 6  # crl_refresh_schedule's period
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; the message names the variable."""
@@ -126,6 +128,14 @@ class PlatformSettings:
     @classmethod
     def from_env(cls) -> PlatformSettings:
         home = Path(env_str("IOT_HOME", str(Path.cwd() / ".iot"))).resolve()
+        crl_days = env_int("IOT_CRL_DAYS", 7, minimum=1)
+        crl_margin = env_float("IOT_CRL_MIN_REMAINING_HOURS", 48, minimum=0)
+        if crl_days * 24 <= crl_margin + CRL_REFRESH_HOURS:
+            raise SettingsError(
+                f"IOT_CRL_DAYS={crl_days} leaves no room for IOT_CRL_MIN_REMAINING_HOURS="
+                f"{crl_margin:g} plus the {CRL_REFRESH_HOURS} h refresh period: the CRL "
+                "check would always fail"
+            )
         object_store = env_str("IOT_OBJECT_STORE", "local")
         if object_store not in {"local", "s3"}:
             raise SettingsError(f"IOT_OBJECT_STORE={object_store!r} must be 'local' or 's3'")
@@ -137,8 +147,8 @@ class PlatformSettings:
             broker_service_name=env_str("IOT_BROKER_SERVICE_NAME", "mosquitto"),
             broker_max_inflight=env_int("IOT_BROKER_MAX_INFLIGHT", 50_000, minimum=0),
             broker_max_queued=env_int("IOT_BROKER_MAX_QUEUED", 1_000_000, minimum=0),
-            crl_days=env_int("IOT_CRL_DAYS", 7, minimum=1),
-            crl_min_remaining_hours=env_float("IOT_CRL_MIN_REMAINING_HOURS", 48, minimum=0),
+            crl_days=crl_days,
+            crl_min_remaining_hours=crl_margin,
             device_cert_days=env_int("IOT_DEVICE_CERT_DAYS", 365, minimum=1),
             allow_server_keygen=env_bool("IOT_ALLOW_SERVER_KEYGEN", False),
             pg_host=env_str("IOT_PG_HOST", "127.0.0.1"),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psycopg
 
+from iot_platform.defs.enrollment import ACTOR_TAG
 from iot_platform.enrollment import certificates
 from iot_platform.launcher import JobLauncher, LaunchError
 from iot_platform.settings import PlatformSettings
@@ -61,7 +62,7 @@ def enroll_fleet(
                     }
                 }
             },
-            tags={"iot/actor": "simulator"},
+            tags={ACTOR_TAG: "simulator"},
         )
         if not outcome.succeeded:
             raise LaunchError(f"enrolling {device.device_id} failed: {'; '.join(outcome.errors)}")
@@ -113,9 +114,7 @@ def simulate(
     for device in devices:
         device.hello_interval_s = hello_interval_s
     for index, names in faults.items():
-        if index >= count:
-            raise ValueError(f"fault for device {index}, but the fleet has {count} (0-based)")
-        devices[index].faults = frozenset(names)
+        devices[index].faults = frozenset(names)  # indexes checked by the caller
     fleet = Fleet(
         devices,
         host=settings.broker_host,

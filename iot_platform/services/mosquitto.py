@@ -50,6 +50,7 @@ def write_acl(path: Path, ingest_user: str, denied: list[str]) -> None:
 def render_acl(ingest_user: str, denied: list[str]) -> str:
     """The ACL text: the shared template plus one deny-all section per revoked identity."""
     acl = _template("acl.tmpl").substitute(ingest_user=ingest_user)
+    denied = [identity for identity in denied if identity != ingest_user]
     if denied:
         acl += "\n# Revoked identities (revoke_certificate): every topic denied, read and write.\n"
         acl += "".join(f"user {identity}\ntopic deny #\n" for identity in denied)
@@ -95,7 +96,7 @@ class BrokerConfig:
         conf, acl = self.render()
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        (self.config_dir / "acl").write_text(acl)
+        _replace_file(self.config_dir / "acl", acl)
         conf_path = self.config_dir / "mosquitto.conf"
         conf_path.write_text(conf)
         return conf_path
@@ -123,10 +124,13 @@ def reload_broker(pid_file: Path) -> int:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError) as exc:
         raise ServiceError(f"cannot read the broker PID from {pid_file}: {exc}") from None
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        raise ServiceError(f"broker PID {pid} from {pid_file} is not running") from None
+    try:  # a stale PID file may name a reused PID: SIGHUP would end an unrelated process
+        running = Path(f"/proc/{pid}/comm").read_text().strip() == "mosquitto"
+    except OSError:
+        running = False
+    if not running:
+        raise ServiceError(f"broker PID {pid} from {pid_file} is not a running mosquitto")
+    os.kill(pid, signal.SIGHUP)
     return pid
 
 

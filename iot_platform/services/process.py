@@ -123,7 +123,18 @@ class ChildProcess:
             self.proc.send_signal(signum)
 
     def wait_until(self, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
-        """Poll ``ready()`` until true; fail early with the log tail if the process died."""
+        """Poll ``ready()`` until true; fail early with the log tail if the process died.
+
+        A process that does not become ready (timeout, or Ctrl-C meanwhile) is stopped
+        before the error propagates: nobody would hold its PID to end it later.
+        """
+        try:
+            self._wait_until(ready, timeout=timeout, what=what)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_until(self, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running():

@@ -152,8 +152,13 @@ def test_server_keygen_is_refused_unless_allowed(platform):
             "signature does not verify",
         ),
         ({"device_id": "meter-04", "csr_pem": "-----BEGIN GARBAGE-----"}, "not a valid PEM"),
-        ({"device_id": "meter-05", "validity_days": 40000}, "after the CA expires"),
-        ({"device_id": "meter-06", "validity_days": 0}, "must be at least 1"),
+        ({"device_id": "meter-05", "validity_days": 5000}, "after the CA expires"),
+        ({"device_id": "meter-06", "validity_days": 0}, "must be 1-"),
+        ({"device_id": "ingest"}, "platform service identity"),
+        (
+            {"device_id": "meter-07", "csr_pem": "-----BEGIN PRIVATE KEY-----\nMIG...\n"},
+            "that is a private key, not a CSR",
+        ),
     ],
 )
 def test_invalid_enrollment_fails_clearly_and_changes_nothing(platform, config, message):
@@ -166,8 +171,10 @@ def test_invalid_enrollment_fails_clearly_and_changes_nothing(platform, config, 
 
 def test_reenrollment_keeps_or_supersedes_previous_certificates(platform):
     resources, _certs, _acl, conninfo = platform
-    assert _enroll(resources, device_id="roll-01").success
+    assert _enroll(resources, device_id="roll-01", device_type="meter-ac").success
     assert _enroll(resources, device_id="roll-01").success  # default: both stay valid
+    with psycopg.connect(conninfo) as conn:  # a renewal without a type keeps the type
+        assert conn.execute("SELECT device_type FROM devices").fetchone() == ("meter-ac",)
     with psycopg.connect(conninfo) as conn:
         first_two = conn.execute(
             "SELECT serial_hex FROM device_certificates WHERE revoked_at IS NULL"
@@ -222,6 +229,21 @@ def test_revoke_by_device_denies_the_identity_and_keeps_its_data(platform):
     assert _enroll(resources, device_id="victim-01").success
     assert read_denied_identities(certs) == []
     assert "topic deny" not in acl.read_text()
+
+
+def test_the_crl_is_rebuilt_from_the_registry(platform):
+    """A writer that re-signed a stale CRL (lost update) is repaired by the next refresh."""
+    resources, certs, _acl, conninfo = platform
+    assert _enroll(resources, device_id="stale-01").success
+    assert _revoke(resources, device_id="stale-01", reason="key_compromise").success
+    ca = CertificateAuthority(certs, PASSPHRASE)
+    (ca.crl_path).unlink()
+    ca.write_crl(days=7)  # a CRL without the revocation, as a racing writer could leave
+    assert list(ca.load_crl()) == []
+    assert dg.materialize([pki_assets.crl], resources=resources).success
+    with psycopg.connect(conninfo) as conn:
+        (serial,) = conn.execute("SELECT serial_hex FROM device_certificates").fetchone()
+    assert [format(e.serial_number, "x") for e in ca.load_crl()] == [serial]
 
 
 def test_revoke_by_serial_accepts_pasted_forms(platform):

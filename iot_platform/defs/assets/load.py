@@ -108,6 +108,7 @@ def load_raw_batches(
     with warehouse.connect() as conn:
         parameters = load_parameters(conn)
         devices = known_devices(conn)
+        conn.commit()  # end the read, so each batch below is a transaction of its own
         batches = load_objects(
             conn,
             store,

@@ -9,17 +9,19 @@ import datetime as dt
 import dagster as dg
 
 from iot_platform.defs.assets.keys import CRL, DEVICE_CERTIFICATES
-from iot_platform.defs.enrollment import PKI_JOB_TAGS
+from iot_platform.defs.enrollment import PKI_JOB_TAGS, publish_to_broker
 from iot_platform.defs.resources import BrokerControlResource, PKIResource, WarehouseResource
-from iot_platform.enrollment import denied_identities
+from iot_platform.enrollment import publish_crl
 from iot_platform.health import HealthSettings, expiring_certificates
 from iot_platform.pki import utcnow
+from iot_platform.settings import CRL_REFRESH_HOURS
 
 
 @dg.asset(
     key=CRL,
     group_name="pki",
-    description="The CRL the broker reads, re-signed with a fresh nextUpdate and reloaded.",
+    description="The CRL the broker reads: every revoked serial of the registry, re-signed "
+    "with a fresh nextUpdate, then reloaded by the broker.",
 )
 def crl(
     context: dg.AssetExecutionContext,
@@ -28,9 +30,9 @@ def crl(
     broker: BrokerControlResource,
 ) -> dg.MaterializeResult:
     ca = pki.authority()
-    signed = ca.write_crl(days=pki.crl_days)
     with warehouse.connect() as conn:
-        broker_action = broker.publish(ca.certs_dir, denied_identities(conn))
+        signed = publish_crl(conn, ca, crl_days=pki.crl_days)
+    _denied, broker_action = publish_to_broker(context, broker, ca.certs_dir, warehouse)
     until = f"{signed.next_update_utc:%Y-%m-%d %H:%M}Z"
     context.log.info(f"CRL re-signed until {until}; {broker_action}")
     return dg.MaterializeResult(
@@ -149,7 +151,7 @@ crl_refresh_job = dg.define_asset_job(
 crl_refresh_schedule = dg.ScheduleDefinition(
     name="crl_refresh_schedule",
     job=crl_refresh_job,
-    cron_schedule="0 */6 * * *",
+    cron_schedule=f"0 */{CRL_REFRESH_HOURS} * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Every 6 hours, far inside the CRL's IOT_CRL_DAYS validity.",
 )
