@@ -77,12 +77,19 @@ def _write_private(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _write_public(path: Path, data: bytes) -> None:
+def write_public(path: Path, data: bytes) -> None:
+    """Replace a world-readable file atomically: a reader (the broker) sees old or new."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_bytes(data)
     tmp.chmod(0o644)
     os.replace(tmp, path)
+
+
+def device_paths(certs_dir: Path, device_id: str) -> tuple[Path, Path]:
+    """(certificate, key) of a device in the certs directory; the key exists only if generated."""
+    devices = certs_dir / "devices"
+    return devices / f"{device_id}.crt", devices / f"{device_id}.key"
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -140,8 +147,7 @@ class CertificateAuthority:
         )
 
     def device_paths(self, device_id: str) -> tuple[Path, Path]:
-        devices = self.certs_dir / "devices"
-        return devices / f"{device_id}.crt", devices / f"{device_id}.key"
+        return device_paths(self.certs_dir, device_id)
 
     # ---- CA ----------------------------------------------------------------
     def exists(self) -> bool:
@@ -191,7 +197,7 @@ class CertificateAuthority:
             serialization.BestAvailableEncryption(self._passphrase),
         )
         _write_private(self.ca_key_path, encrypted)
-        _write_public(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_public(self.ca_cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return True
 
     def load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -267,7 +273,7 @@ class CertificateAuthority:
             not_before=not_before,
         )
         _write_private(key_path, _key_pem(key))
-        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return _describe(cert, cert_path, key_path)
 
     def issue_broker_certificate(self, hosts: list[str], *, days: int = 825) -> IssuedCertificate:
@@ -322,7 +328,7 @@ class CertificateAuthority:
             not_before=None,
         )
         cert_path, _ = self.device_paths(device_id)
-        _write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_public(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         return _describe(cert, cert_path, None)
 
     # ---- revocation --------------------------------------------------------
@@ -364,7 +370,7 @@ class CertificateAuthority:
             )
             builder = builder.add_revoked_certificate(entry)
         crl = builder.sign(ca_key, hashes.SHA384())
-        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         return crl
 
 

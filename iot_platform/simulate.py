@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from pathlib import Path
 
 import psycopg
 
 from iot_platform.defs.enrollment import ACTOR_TAG
 from iot_platform.enrollment import certificates
 from iot_platform.launcher import JobLauncher, LaunchError
+from iot_platform.pki import device_paths
 from iot_platform.settings import PlatformSettings
 from iot_platform.simulator import CONTROLLER_PARAMETERS, FAULTS, Fleet, FleetReport, plan_fleet
 
@@ -46,7 +46,7 @@ def enroll_fleet(
     with psycopg.connect(conninfo) as conn:
         valid = {row.device_id for row in certificates(conn) if row.status == "valid"}
     for device in fleet.devices:
-        cert, key = _paths(settings, device.device_id)
+        cert, key = device_paths(settings.certs_dir, device.device_id)
         if device.device_id in valid and cert.exists() and key.exists():
             continue
         outcome = launcher.run(
@@ -93,11 +93,6 @@ def _register_profiles(conninfo: str, fleet: Fleet) -> None:
             )
 
 
-def _paths(settings: PlatformSettings, device_id: str) -> tuple[Path, Path]:
-    devices = settings.certs_dir / "devices"
-    return devices / f"{device_id}.crt", devices / f"{device_id}.key"
-
-
 def simulate(
     settings: PlatformSettings,
     conninfo: str,
@@ -120,7 +115,7 @@ def simulate(
         host=settings.broker_host,
         port=settings.broker_port,
         ca_file=settings.certs_dir / "ca.crt",
-        credentials=lambda device: _paths(settings, device.device_id),
+        credentials=lambda device: device_paths(settings.certs_dir, device.device_id),
     )
     launcher = JobLauncher(settings.dagster_host, settings.dagster_port)
     enrolled = enroll_fleet(settings, conninfo, launcher, fleet)

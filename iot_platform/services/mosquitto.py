@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from iot_platform.pki import write_public
 from iot_platform.services.process import ChildProcess, ServiceError
 
 INGEST_IDENTITY = "ingest"
@@ -32,19 +33,12 @@ def read_denied_identities(certs_dir: Path) -> list[str]:
 
 
 def write_denied_identities(certs_dir: Path, denied: list[str]) -> None:
-    _replace_file(certs_dir / DENIED_IDENTITIES_FILE, "".join(f"{i}\n" for i in sorted(denied)))
-
-
-def _replace_file(path: Path, text: str) -> None:
-    """Write atomically: the broker may re-read the file at any moment (SIGHUP)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    text = "".join(f"{identity}\n" for identity in sorted(denied))
+    write_public(certs_dir / DENIED_IDENTITIES_FILE, text.encode())
 
 
 def write_acl(path: Path, ingest_user: str, denied: list[str]) -> None:
-    _replace_file(path, render_acl(ingest_user, denied))
+    write_public(path, render_acl(ingest_user, denied).encode())
 
 
 def render_acl(ingest_user: str, denied: list[str]) -> str:
@@ -96,7 +90,7 @@ class BrokerConfig:
         conf, acl = self.render()
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        _replace_file(self.config_dir / "acl", acl)
+        write_public(self.config_dir / "acl", acl.encode())
         conf_path = self.config_dir / "mosquitto.conf"
         conf_path.write_text(conf)
         return conf_path
