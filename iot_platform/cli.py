@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from iot_platform.pki import PKIError
+from iot_platform.pki import PKIError, device_paths
 from iot_platform.services.mosquitto import BrokerConfig, reload_broker
 from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, SettingsError
@@ -131,7 +131,7 @@ def _cmd_devices_enroll(settings: PlatformSettings, args: argparse.Namespace) ->
     if not outcome.succeeded:
         return 1
     newest = _registry(settings, args.device_id)[0]
-    cert_path = settings.certs_dir / "devices" / f"{args.device_id}.crt"
+    cert_path, _key = device_paths(settings.certs_dir, args.device_id)
     print(
         f"enrolled {args.device_id}: serial {newest.serial_hex}, fingerprint "
         f"{newest.fingerprint_sha256}, valid until {newest.not_after:%Y-%m-%d}, "
@@ -146,8 +146,9 @@ def _read_csr(path: str) -> str:
         text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise SettingsError(f"--csr {path}: {exc}") from None
-    if "PRIVATE KEY" in text:
-        raise SettingsError(f"--csr {path} holds a private key: pass the CSR, keep the key")
+    from iot_platform.enrollment import refuse_private_key
+
+    refuse_private_key(text)  # before launching: run config is stored for good
     return text
 
 
@@ -183,7 +184,7 @@ def _cmd_devices_cert(settings: PlatformSettings, args: argparse.Namespace) -> i
         print(f"iot-platform: no certificate for {args.device_id}", file=sys.stderr)
         return 1
     _print_certificates(rows)
-    pem = settings.certs_dir / "devices" / f"{args.device_id}.crt"
+    pem, _key = device_paths(settings.certs_dir, args.device_id)
     if pem.exists():
         print(pem.read_text(), end="")
     return 0

@@ -53,6 +53,14 @@ class RevocationReason(enum.Enum):
         return x509.ReasonFlags[self.value]
 
 
+def refuse_private_key(csr_pem: str) -> None:
+    """A key pasted where the CSR goes must fail loudly (and, from the CLI, before launch)."""
+    if "PRIVATE KEY" in csr_pem:
+        raise EnrollmentError(
+            "that is a private key, not a CSR: keep it on the device and send its CSR"
+        )
+
+
 @dataclass(frozen=True)
 class EnrollmentRequest:
     device_id: str
@@ -74,10 +82,7 @@ class EnrollmentRequest:
             raise EnrollmentError(
                 f"validity of {self.validity_days} days: must be 1-{MAX_VALIDITY_DAYS}"
             )
-        if "PRIVATE KEY" in self.csr_pem:
-            raise EnrollmentError(
-                "that is a private key, not a CSR: keep it on the device and send its CSR"
-            )
+        refuse_private_key(self.csr_pem)
         if len(json.dumps(self.metadata)) > MAX_METADATA_BYTES:
             raise EnrollmentError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
         if not self.csr_pem.strip() and not allow_server_keygen:

@@ -9,6 +9,7 @@ order, each by its PID.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -258,7 +259,9 @@ class EmbeddedStack:
     def ingest_url(self) -> str:
         return f"http://127.0.0.1:{self.ingest_metrics_port}"
 
+    @functools.cached_property
     def _dagster_env(self) -> dict[str, str]:
+        """Webserver and daemon share it; computed once, also across restarts."""
         s = self.settings
         dagster_home = s.home / "dagster_home"
         dagster_home.mkdir(parents=True, exist_ok=True)
@@ -282,7 +285,7 @@ class EmbeddedStack:
     def _start_webserver(self) -> ChildProcess:
         s = self.settings
         argv = [str(BINDIR / "dagster-webserver"), "-h", s.dagster_host, "-p", str(s.dagster_port)]
-        webserver = self._spawn("dagster-webserver", [*argv, "-w", WORKSPACE], self._dagster_env())
+        webserver = self._spawn("dagster-webserver", [*argv, "-w", WORKSPACE], self._dagster_env)
         webserver.wait_until(
             lambda: _http_ok(f"{self.dagster_url}/server_info"), timeout=180, what="HTTP 200"
         )
@@ -290,7 +293,7 @@ class EmbeddedStack:
 
     def _start_daemon(self) -> ChildProcess:
         argv = [str(BINDIR / "dagster-daemon"), "run", "-w", WORKSPACE]
-        return self._spawn("dagster-daemon", argv, self._dagster_env())
+        return self._spawn("dagster-daemon", argv, self._dagster_env)
 
     def _start_simulator(self) -> ChildProcess:
         """A small fleet enrolled through enroll_device, so a newcomer sees data at once."""
