@@ -43,11 +43,6 @@ class Platform:
             "enroll_device", {"ops": {"issue_certificate": {"config": config}}}
         )
 
-    def revoke(self, **config) -> RunOutcome:
-        return self.launcher.run(
-            "revoke_certificate", {"ops": {"revoke_certificates": {"config": config}}}
-        )
-
     def connect(self, device_id: str, key_file: Path, client_id: str | None = None) -> Session:
         cert, _ = self.ca.device_paths(device_id)
         return open_session(
@@ -141,8 +136,9 @@ def test_csr_enrollment_connects_publishes_only_as_itself_and_revocation_cuts_it
     # Revoke while the device is connected: new handshakes are refused (CRL) and the
     # open session can no longer publish (ACL deny), both within seconds.
     before = platform.counts()
-    outcome = platform.revoke(device_id="meter-gql-01", reason="key_compromise")
-    assert outcome.succeeded, outcome.errors
+    revoked = _cli(platform, "revoke", "--device", "meter-gql-01", "--reason", "key_compromise")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked (key_compromise)" in revoked.stdout
     _wait_refused(platform, "meter-gql-01", key_file)
     device.client.publish("iot/meter-gql-01/telemetry", b"after-revocation", qos=1)
     time.sleep(2)
@@ -181,6 +177,12 @@ def test_cli_enrolls_with_a_generated_key_that_connects(platform):
     listing = _cli(platform, "cert", "sensor-cli-01")
     assert listing.returncode == 0, listing.stderr
     assert "valid" in listing.stdout and cert.read_text() in listing.stdout
+    everything = _cli(platform, "list")
+    assert everything.returncode == 0, everything.stderr
+    assert any(
+        line.startswith("sensor-cli-01 ") and " valid " in line
+        for line in everything.stdout.splitlines()
+    )
 
 
 @pytest.mark.parametrize(
