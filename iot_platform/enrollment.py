@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 from cryptography import x509
+from psycopg import errors
 
 from iot_platform.pki import CertificateAuthority, IssuedCertificate, PKIError, validate_device_id
 from iot_platform.services.mosquitto import INGEST_IDENTITY
@@ -27,6 +28,8 @@ MAX_VALIDITY_DAYS = 36_500  # the CA's own validity is checked when signing
 # Service identities have broker privileges (the ingest user reads every topic): a device
 # certificate with such a CN would inherit them, and revoking it would lock the service out.
 RESERVED_IDENTITIES = frozenset({INGEST_IDENTITY})
+# The registry's unique index on lower(device_id) (warehouse migration 3).
+CASE_INSENSITIVE_ID_INDEX = "devices_device_id_lower"
 # Serialises CRL writers (revocations, refreshes) across processes.
 CRL_LOCK = 0x1_0C_A1
 
@@ -138,6 +141,30 @@ def enroll(
     the registry does not list.
     """
     request.validate(allow_server_keygen=allow_server_keygen)
+    try:
+        return _enroll(conn, ca, request, actor, crl_days=crl_days)
+    except errors.UniqueViolation as exc:
+        if exc.diag.constraint_name != CASE_INSENSITIVE_ID_INDEX:
+            raise
+        row = conn.execute(
+            "SELECT device_id FROM devices WHERE lower(device_id) = lower(%s)", [request.device_id]
+        ).fetchone()
+        enrolled = row[0] if row else "another device"
+        raise EnrollmentError(
+            f"device id {request.device_id!r} differs only in letter case from the enrolled "
+            f"device {enrolled!r}: device ids are unique ignoring case (re-enroll "
+            f"{enrolled!r} to renew its certificate)"
+        ) from None
+
+
+def _enroll(
+    conn: psycopg.Connection,
+    ca: CertificateAuthority,
+    request: EnrollmentRequest,
+    actor: Actor,
+    *,
+    crl_days: float,
+) -> Enrollment:
     with conn.transaction():
         conn.execute(
             """

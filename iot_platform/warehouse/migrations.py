@@ -227,7 +227,28 @@ TIME_BUCKET = Migration(
     """,
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CORE, TIME_BUCKET)
+DEVICE_ID_CASE = Migration(
+    3,
+    "device ids unique ignoring case",
+    # ``ACC-METER-01`` next to ``acc-meter-01`` is a look-alike device with certificates of
+    # its own: the registry refuses it (the enrollment names the enrolled spelling). Fails
+    # on a registry that already holds such a pair: resolve those by hand first.
+    common="""
+    CREATE UNIQUE INDEX devices_device_id_lower ON devices (lower(device_id));
+    """,
+)
+
+MESSAGE_SEQ_INDEX = Migration(
+    4,
+    "device_messages by (device_id, seq)",
+    # The loader looks up each telemetry envelope's (device_id, seq) among the messages
+    # already stored, so that de-duplication does not depend on how messages were batched.
+    common="""
+    CREATE INDEX device_messages_device_seq ON device_messages (device_id, seq);
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (CORE, TIME_BUCKET, DEVICE_ID_CASE, MESSAGE_SEQ_INDEX)
 
 
 def detect_dialect(conn: psycopg.Connection) -> Dialect:

@@ -169,6 +169,19 @@ def test_invalid_enrollment_fails_clearly_and_changes_nothing(platform, config, 
     assert not any((certs / "devices").glob("*"))
 
 
+def test_device_id_differing_only_in_case_is_refused_by_the_registry(platform):
+    resources, certs, _acl, conninfo = platform
+    assert _enroll(resources, device_id="acc-meter-01").success
+    before = _snapshot(conninfo)
+    message = _failure(_enroll(resources, device_id="ACC-METER-01"))
+    assert "differs only in letter case from the enrolled device 'acc-meter-01'" in message
+    assert _snapshot(conninfo) == before
+    assert not (certs / "devices" / "ACC-METER-01.crt").exists()
+    with psycopg.connect(conninfo) as conn, pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("INSERT INTO devices (device_id) VALUES ('Acc-Meter-01')")  # not only the job
+    assert _enroll(resources, device_id="acc-meter-01").success  # renewal of the enrolled id
+
+
 def test_reenrollment_keeps_or_supersedes_previous_certificates(platform):
     resources, _certs, _acl, conninfo = platform
     assert _enroll(resources, device_id="roll-01", device_type="meter-ac").success
