@@ -9,27 +9,106 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psycopg
 from psycopg.types.json import Jsonb
 
 from iot_platform.settings import SettingsError, env_float, env_str
 
-# Sane physical bounds for the metrics the simulator and the v2 meters send; extend with
-# IOT_HEALTH_BOUNDS='{"metric": [min, max], ...}'.
-DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
-    "voltage_dc": (0, 1500),
-    "current_dc": (-500, 500),
-    "power_dc": (-750_000, 750_000),
-    "voltage_ac": (0, 480),
-    "current_ac": (-500, 500),
-    "power_ac": (-250_000, 250_000),
-    "frequency": (45, 65),
-    "temperature": (-60, 150),
-    "humidity": (0, 100),
+Bounds = dict[str, tuple[float, float]]  # metric -> (min, max)
+
+# Physical bounds of a metric for a device of any type: the envelope of the v2 protocol's
+# device types, so no reading the protocol allows is flagged on a device of unknown type.
+METRIC_BOUNDS: Bounds = {
+    "voltage_dc": (0.0, 4_000.0),
+    "current_dc": (-10_000.0, 10_000.0),
+    "power_dc": (-40e6, 40e6),
+    "voltage_ac": (0.0, 26_000.0),
+    "current_ac": (-2_000.0, 2_000.0),
+    "power_ac": (-50e6, 50e6),
+    "frequency": (45.0, 65.0),
+    "temperature": (-60.0, 150.0),
+    "humidity": (0.0, 100.0),
 }
+# Bounds belong to the device type (DESIGN §11): the v2 protocol's AC meters are 25 kV rail
+# meters (24-26 kV); DC traction runs at 600 V to 3 kV nominal, up to about 4 kV.
+DEVICE_TYPE_BOUNDS: dict[str, Bounds] = {
+    "meter-ac": {"voltage_ac": (24_000.0, 26_000.0)},
+    "meter-dc": {"voltage_dc": (0.0, 4_000.0)},
+}
+BOUNDS_METADATA_KEY = "health_bounds"  # per-device override in devices.metadata
+PLATFORM = "(platform)"  # the subject of platform-wide rules; never a valid device id
+HISTORY_PRUNE_BATCH = 50_000  # device_health rows deleted per evaluation at most
+
+
+def _pair(value: object, where: str) -> tuple[float, float]:
+    """``[min, max]``: two finite JSON numbers (ints or floats), min <= max, as floats."""
+    numbers = isinstance(value, list) and len(value) == 2
+    numbers = numbers and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    try:
+        low, high = (float(value[0]), float(value[1])) if numbers else (math.nan, math.nan)
+    except OverflowError:  # an integer beyond a double
+        low = high = math.nan
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise SettingsError(f"{where} must be [min, max] (two finite numbers), got {value!r}")
+    if low > high:
+        raise SettingsError(f"{where}: min {low:g} is above max {high:g}")
+    return low, high
+
+
+def parse_metric_bounds(data: object, where: str) -> Bounds:
+    """``{"metric": [min, max], ...}``; SettingsError naming ``where`` otherwise."""
+    if not isinstance(data, dict):
+        raise SettingsError(f'{where} must be a JSON object like {{"metric": [min, max]}}')
+    return {str(metric): _pair(value, f"{where}: {metric!r}") for metric, value in data.items()}
+
+
+@dataclass(frozen=True)
+class HealthBounds:
+    """Effective bounds: ``generic`` for any device, ``by_type`` for device types that have
+    their own (already merged over ``generic``). A device's own override in
+    ``devices.metadata`` (``health_bounds``) is applied per device at evaluation."""
+
+    generic: Bounds
+    by_type: dict[str, Bounds]
+
+    @classmethod
+    def merged(cls, raw: str, name: str = "IOT_HEALTH_BOUNDS") -> HealthBounds:
+        """Defaults overlaid with ``raw`` (JSON): ``"metric": [min, max]`` applies to every
+        device type, ``"device-type": {"metric": [min, max]}`` to that type only. What is
+        not given keeps its default."""
+        every: Bounds = {}
+        per_type: dict[str, Bounds] = {}
+        if raw.strip():
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name} is not valid JSON: {exc}") from None
+            if not isinstance(data, dict):
+                raise SettingsError(
+                    f'{name} must be a JSON object like {{"voltage_ac": [0, 30000]}} or '
+                    f'{{"meter-dc": {{"voltage_dc": [0, 4200]}}}}'
+                )
+            for key, value in data.items():
+                if isinstance(value, dict):
+                    per_type[key] = parse_metric_bounds(value, f"{name}: device type {key!r}")
+                else:
+                    every[key] = _pair(value, f"{name}: {key!r}")
+        generic = METRIC_BOUNDS | every
+        types = DEVICE_TYPE_BOUNDS.keys() | per_type.keys()
+        return cls(
+            generic=generic,
+            by_type={
+                t: generic | DEVICE_TYPE_BOUNDS.get(t, {}) | every | per_type.get(t, {})
+                for t in sorted(types)
+            },
+        )
+
+    def for_type(self, device_type: str) -> Bounds:
+        return self.by_type.get(device_type, self.generic)
 
 
 @dataclass(frozen=True)
@@ -38,27 +117,28 @@ class HealthSettings:
     clock_skew_s: float
     duplicate_rate: float
     reject_rate: float
-    bounds: dict[str, tuple[float, float]]
+    bounds: HealthBounds
     cert_expiry: dt.timedelta = dt.timedelta(days=30)
+    pipeline_lag: dt.timedelta = dt.timedelta(minutes=2)
+    retention: dt.timedelta = dt.timedelta(days=30)
 
     @classmethod
     def from_env(cls) -> HealthSettings:
-        bounds = dict(DEFAULT_BOUNDS)
-        raw = env_str("IOT_HEALTH_BOUNDS", "")
-        if raw:
-            try:
-                bounds.update({k: (float(v[0]), float(v[1])) for k, v in json.loads(raw).items()})
-            except (ValueError, TypeError, IndexError, AttributeError) as exc:
-                raise SettingsError(
-                    f'IOT_HEALTH_BOUNDS must be JSON like {{"metric": [min, max]}}: {exc}'
-                ) from None
+        """Every IOT_HEALTH_* setting, validated: a bad value raises SettingsError naming it
+        (``iot-platform up`` reads them before it starts anything)."""
         return cls(
             window=dt.timedelta(minutes=env_float("IOT_HEALTH_WINDOW_MIN", 60, minimum=1)),
             clock_skew_s=env_float("IOT_HEALTH_CLOCK_SKEW_S", 120, minimum=0),
             duplicate_rate=env_float("IOT_HEALTH_DUPLICATE_RATE", 0.01, minimum=0),
             reject_rate=env_float("IOT_HEALTH_REJECT_RATE", 0.05, minimum=0),
-            bounds=bounds,
+            bounds=HealthBounds.merged(env_str("IOT_HEALTH_BOUNDS", "")),
             cert_expiry=dt.timedelta(days=env_float("IOT_HEALTH_CERT_EXPIRY_DAYS", 30, minimum=0)),
+            pipeline_lag=dt.timedelta(
+                seconds=env_float("IOT_HEALTH_PIPELINE_LAG_S", 120, minimum=1)
+            ),
+            retention=dt.timedelta(
+                days=env_float("IOT_HEALTH_RETENTION_DAYS", 30, minimum=1)
+            ),
         )
 
 
@@ -80,8 +160,6 @@ class Rule:
     severity: str
     description: str
     query: Callable[[psycopg.Connection, HealthSettings, dt.datetime], list[tuple[str, dict]]]
-    blocking: bool = False
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 def _rows(conn: psycopg.Connection, query: str, params: dict) -> list[tuple[str, dict]]:
@@ -242,7 +320,6 @@ RULES: tuple[Rule, ...] = (
         "error",
         "Telemetry values outside the metric's physical bounds (IOT_HEALTH_BOUNDS).",
         _out_of_range,
-        blocking=True,
     ),
     Rule(
         "clock_skew",
