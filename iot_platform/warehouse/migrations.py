@@ -248,7 +248,24 @@ MESSAGE_SEQ_INDEX = Migration(
     """,
 )
 
-MIGRATIONS: tuple[Migration, ...] = (CORE, TIME_BUCKET, DEVICE_ID_CASE, MESSAGE_SEQ_INDEX)
+HEALTH_HISTORY_AGE = Migration(
+    5,
+    "device_health by checked_at (retention)",
+    # Each health evaluation deletes a bounded batch of rows older than the retention
+    # (IOT_HEALTH_RETENTION_DAYS); BRIN finds them without scanning the whole history and
+    # costs almost nothing to maintain on this append-only table.
+    common="""
+    CREATE INDEX device_health_checked_at ON device_health USING brin (checked_at);
+    """,
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    CORE,
+    TIME_BUCKET,
+    DEVICE_ID_CASE,
+    MESSAGE_SEQ_INDEX,
+    HEALTH_HISTORY_AGE,
+)
 
 
 def detect_dialect(conn: psycopg.Connection) -> Dialect:
