@@ -6,6 +6,12 @@ cursor is the last key requested plus the keys already requested inside a latene
 window; each tick lists, with ``start_after``, only the hour prefixes from
 ``min(last key's time, now - lateness)`` on. A batch later than the window (a store outage
 longer than it) is loaded by a backfill of its hour, which loads every batch under it.
+
+Coalescing: keys found while a load run for their hour is still queued or running wait in
+the cursor (``pending``) and go into that hour's next run, all of them up to a cap. Under
+load, runs grow instead of the run queue; the per-run cost (process start-up, imports,
+rollup refresh) is paid once for many batches. ``pending`` is bounded: when it is full,
+listing pauses (the cursor does not move, so nothing is skipped) until runs drain it.
 """
 
 from __future__ import annotations
@@ -25,16 +31,26 @@ _FIRST_FORMAT = "%Y%m%dT%H%M%S%fZ"
 class Cursor:
     last_key: str | None = None
     recent: list[str] = field(default_factory=list)
+    # partition key -> keys found but not yet requested (their hour had a run in flight)
+    pending: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def pending_count(self) -> int:
+        return sum(len(keys) for keys in self.pending.values())
 
     def dumps(self) -> str:
-        return json.dumps({"last_key": self.last_key, "recent": self.recent})
+        return json.dumps(
+            {"last_key": self.last_key, "recent": self.recent, "pending": self.pending}
+        )
 
     @classmethod
     def loads(cls, raw: str | None) -> Cursor:
         if not raw:
             return cls()
         data = json.loads(raw)
-        return cls(data.get("last_key"), list(data.get("recent", [])))
+        return cls(
+            data.get("last_key"), list(data.get("recent", [])), dict(data.get("pending", {}))
+        )
 
 
 @dataclass(frozen=True)
@@ -100,4 +116,38 @@ def discover(
         by_partition[BatchKey.parse(key).partition_key].append(key)
     last_key = max([k for k in (cursor.last_key, *new) if k], default=None)
     recent = sorted(k for k in seen.union(new) if _time_of(k) >= low)
-    return Discovery(dict(by_partition), Cursor(last_key, recent), listed, ignored, capped)
+    return Discovery(
+        dict(by_partition), Cursor(last_key, recent, cursor.pending), listed, ignored, capped
+    )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    runs: dict[str, list[str]]  # partition key -> keys for a new run now
+    waiting: dict[str, list[str]]  # partition key -> keys left pending
+
+    @property
+    def waiting_count(self) -> int:
+        return sum(len(keys) for keys in self.waiting.values())
+
+
+def plan_runs(
+    pending: dict[str, list[str]],
+    found: dict[str, list[str]],
+    in_flight: set[str],
+    *,
+    max_keys_per_run: int,
+) -> RunPlan:
+    """At most one run per hour: an hour with a run in flight keeps all its keys waiting;
+    any other hour gets one run with its oldest keys, up to ``max_keys_per_run``."""
+    runs: dict[str, list[str]] = {}
+    waiting: dict[str, list[str]] = {}
+    for partition in sorted(pending.keys() | found.keys()):
+        keys = sorted(set(pending.get(partition, ())).union(found.get(partition, ())))
+        if partition in in_flight:
+            waiting[partition] = keys
+            continue
+        runs[partition] = keys[:max_keys_per_run]
+        if keys[max_keys_per_run:]:
+            waiting[partition] = keys[max_keys_per_run:]
+    return RunPlan(runs, waiting)

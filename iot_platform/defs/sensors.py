@@ -1,18 +1,58 @@
-"""The raw batch sensor: new objects -> one run per receive hour with a manifest."""
+"""The raw batch sensor: new objects -> at most one load run in flight per receive hour.
+
+Each tick lists new batch keys (``iot_platform.discovery``) and requests a run for every
+hour that has no load run queued or running, with all of that hour's pending keys (up to
+``IOT_SENSOR_MAX_KEYS``) as the manifest. Keys of an hour whose run is still in flight
+wait in the cursor for the next run, so a slow machine gets bigger runs, not a longer run
+queue. A run that fails is retried by Dagster (``dagster/max_retries`` on the job); one
+that fails for good leaves its batches unloaded and visible in the UI, and a backfill of
+its hour loads them (the ledger makes that idempotent).
+"""
 
 import datetime as dt
 import hashlib
 
 import dagster as dg
 
-from iot_platform.defs.assets.keys import RAW_BATCHES
+from iot_platform.defs.assets.keys import RAW_BATCHES, TELEMETRY
 from iot_platform.defs.jobs import load_job
 from iot_platform.defs.resources import ObjectStoreResource
-from iot_platform.discovery import Cursor, discover
+from iot_platform.discovery import Cursor, Discovery, discover, plan_runs
 from iot_platform.objectstore import ObjectStoreError
 from iot_platform.settings import env_float, env_int
 
+# The daemon evaluates sensors at most every 5 s (its loop), so a shorter interval buys nothing.
 SENSOR_INTERVAL_S = env_int("IOT_SENSOR_INTERVAL_S", 5, minimum=1)
+
+IN_FLIGHT = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+]
+
+
+def load_partitions_in_flight(instance: dg.DagsterInstance) -> set[str]:
+    """Hours with a queued or running load: the sensor's own runs, their retries, and any
+    backfill or manual run that materialises ``telemetry``."""
+    runs = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT))]
+    return {
+        run.tags["dagster/partition"]
+        for run in runs
+        if "dagster/partition" in run.tags
+        and (run.job_name == load_job.name or TELEMETRY in (run.asset_selection or ()))
+    }
+
+
+def _discover(object_store: ObjectStoreResource, cursor: Cursor, room: int) -> Discovery:
+    return discover(
+        object_store.store(),
+        cursor,
+        dt.datetime.now(dt.UTC),
+        lateness=dt.timedelta(seconds=env_float("IOT_SENSOR_LATENESS_S", 900, minimum=0)),
+        max_keys=room,
+    )
 
 
 @dg.sensor(
@@ -21,35 +61,54 @@ SENSOR_INTERVAL_S = env_int("IOT_SENSOR_INTERVAL_S", 5, minimum=1)
     minimum_interval_seconds=SENSOR_INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Lists new raw batches (recent hour prefixes, start_after the cursor) and "
-    "requests one load run per receive hour with the batch keys as its manifest.",
+    "requests a load run for each receive hour that has none in flight, with all the hour's "
+    "pending batch keys as its manifest; keys of busy hours wait for the next run.",
 )
 def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStoreResource):
     cursor = Cursor.loads(context.cursor)
-    now = dt.datetime.now(dt.UTC)
-    try:
-        found = discover(
-            object_store.store(),
-            cursor,
-            now,
-            lateness=dt.timedelta(seconds=env_float("IOT_SENSOR_LATENESS_S", 900, minimum=0)),
-            max_keys=env_int("IOT_SENSOR_MAX_KEYS", 2000, minimum=1),
+    max_pending = env_int("IOT_SENSOR_MAX_PENDING", 20_000, minimum=1)
+    room = max_pending - cursor.pending_count
+    found: dict[str, list[str]] = {}
+    notes: list[str] = []
+    if room > 0:
+        try:
+            discovery = _discover(object_store, cursor, room)
+        except ObjectStoreError as exc:
+            discovery = None
+            notes.append(f"object store unavailable, will retry: {exc}")
+        if discovery is not None:
+            if discovery.ignored:
+                context.log.warning(
+                    f"{len(discovery.ignored)} objects under raw/v1/ do not follow the key "
+                    f"contract, e.g. {discovery.ignored[:3]}"
+                )
+            found = discovery.by_partition
+            cursor = discovery.cursor
+            notes.append(f"{discovery.new_keys} new batches ({discovery.listed} listed)")
+            if discovery.capped:
+                notes.append("listing capped by IOT_SENSOR_MAX_PENDING; the rest next tick")
+    else:
+        notes.append(
+            f"listing paused: {cursor.pending_count} batches already pending "
+            f"(IOT_SENSOR_MAX_PENDING={max_pending}) behind runs in flight"
         )
-    except ObjectStoreError as exc:
-        return dg.SkipReason(f"object store unavailable, will retry: {exc}")
-    if found.ignored:
-        context.log.warning(
-            f"{len(found.ignored)} objects under raw/v1/ do not follow the key contract, "
-            f"e.g. {found.ignored[:3]}"
-        )
-    if not found.by_partition:
-        context.update_cursor(found.cursor.dumps())
-        return dg.SkipReason(
-            f"no new raw batches ({found.listed} objects listed since "
-            f"{cursor.last_key or 'the lookback start'})"
+
+    in_flight = load_partitions_in_flight(context.instance)
+    plan = plan_runs(
+        cursor.pending,
+        found,
+        in_flight,
+        max_keys_per_run=env_int("IOT_SENSOR_MAX_KEYS", 2000, minimum=1),
+    )
+    cursor.pending = plan.waiting
+    if plan.waiting:
+        notes.append(
+            f"{plan.waiting_count} batches of {sorted(plan.waiting)} wait for the hour's run "
+            "in flight; they go into its next run"
         )
     requests = []
     observations = []
-    for partition, keys in sorted(found.by_partition.items()):
+    for partition, keys in plan.runs.items():
         digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
         requests.append(
             dg.RunRequest(
@@ -66,10 +125,12 @@ def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectSt
                 metadata={"new_batches": len(keys), "last_key": keys[-1]},
             )
         )
-    context.log.info(
-        f"{found.new_keys} new batches in {len(requests)} hours"
-        + (" (capped; the rest next tick)" if found.capped else "")
-    )
+    summary = "; ".join(notes)
+    if requests:
+        context.log.info(f"{summary}; requested {len(requests)} runs")
     return dg.SensorResult(
-        run_requests=requests, cursor=found.cursor.dumps(), asset_events=observations
+        run_requests=requests,
+        cursor=cursor.dumps(),
+        asset_events=observations,
+        skip_reason=None if requests else summary,
     )

@@ -4,10 +4,15 @@ Per batch, in ONE transaction: delete the rows a previous load of the same objec
 wrote (so a decoder fix + backfill corrects data and a retry never double-counts), stage
 the new rows in bulk, insert them with one set-based statement per table (conflicts on
 (device_id, metric, ts) keep the first row: at-least-once delivery repeats messages across
-batches), write the ledger row and move ``devices.last_seen`` forward.
+batches), write the ledger row and move ``devices.last_seen`` forward (receive time of
+accepted messages that are not retained replays, see ``device_activity``).
 
 Bulk staging is COPY of Polars-written CSV; a server without COPY FROM STDIN (the
 TimescaleDB test double) gets the same rows through ``unnest`` of arrays instead.
+
+De-duplication on (device_id, seq) does not depend on batching: a telemetry envelope whose
+(device_id, seq) a batch stored earlier already holds is dropped and counted (first stored
+wins, ``_drop_claimed``); within a batch the decoder applies the same rule.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ from dataclasses import dataclass, field
 
 import polars as pl
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import errors, sql
 
-from iot_platform.decode import DecodedFrames, decode_raw
+from iot_platform.decode import DEFAULT_TS_WINDOW, DecodedFrames, TsWindow, decode_raw
 from iot_platform.objectstore import ObjectInfo, ObjectStore
 from iot_platform.rawbatch import BatchKey, read_batch
 
@@ -113,6 +120,7 @@ class DecodedBatch:
     frames: DecodedFrames
     raw_rows: int
     decode_s: float  # read + decode time, for the benchmark's breakdown
+    activity: pl.DataFrame  # device_id, last_seen (see device_activity)
 
 
 def load_objects(
@@ -124,22 +132,29 @@ def load_objects(
     parameters: pl.DataFrame,
     devices: set[str],
     max_payload_bytes: int,
+    ts_window: TsWindow = DEFAULT_TS_WINDOW,
 ) -> Iterator[tuple[DecodedBatch, BatchLoad, float]]:
     """Read, decode and load raw batches in order, one transaction each; yields each
     batch's decoded frames, load result and load seconds.
 
     The next batch is read and decoded in a worker thread while this one is written:
     Polars and the PostgreSQL socket both work outside the GIL, so on two cores decoding
-    hides behind the load instead of adding to it.
+    hides behind the load instead of adding to it. ``ts_window`` bounds device time
+    (decoder) and how long a telemetry (device_id, seq) stays claimed (loader).
     """
 
     def decode(info: ObjectInfo) -> DecodedBatch:
         started = time.perf_counter()
         table = read_batch(store.get(info.key)).table
         frames = decode_raw(
-            table, parameters, max_payload_bytes=max_payload_bytes, known_devices=devices
+            table,
+            parameters,
+            max_payload_bytes=max_payload_bytes,
+            known_devices=devices,
+            ts_window=ts_window,
         )
-        return DecodedBatch(info, frames, table.num_rows, time.perf_counter() - started)
+        activity = device_activity(table, frames)
+        return DecodedBatch(info, frames, table.num_rows, time.perf_counter() - started, activity)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
         upcoming = [pool.submit(decode, info) for info in infos[:1]]
@@ -149,7 +164,13 @@ def load_objects(
                 upcoming.append(pool.submit(decode, infos[n + 1]))
             started = time.perf_counter()
             load = load_frames(
-                conn, decoded.info, decoded.frames, raw_rows=decoded.raw_rows, run_id=run_id
+                conn,
+                decoded.info,
+                decoded.frames,
+                raw_rows=decoded.raw_rows,
+                run_id=run_id,
+                activity=decoded.activity,
+                claim_window=ts_window.age,
             )
             yield decoded, load, time.perf_counter() - started
 
@@ -184,11 +205,13 @@ def load_frames(
     *,
     raw_rows: int,
     run_id: str | None,
+    claim_window: dt.timedelta = DEFAULT_TS_WINDOW.age,
+    activity: pl.DataFrame,
 ) -> BatchLoad:
     partition_key = BatchKey.parse(info.key).partition_key
-    times = pl.concat(
-        [frames.telemetry.select("ts"), frames.events.select("ts")], how="vertical"
-    ).get_column("ts")
+    # The rollups are over telemetry only: its ts range is the refresh window (an old
+    # status, e.g. a last will with the connect time, must not widen it).
+    times = frames.telemetry.get_column("ts")
     min_ts, max_ts = (times.min(), times.max()) if len(times) else (None, None)
     with conn.transaction():
         # A crash may lose this commit, and then its ledger row too: the batch is simply
@@ -209,18 +232,20 @@ def load_frames(
                 [info.key, partition_key],
             ).fetchone()[0]
             old_min = old_max = None
-        telemetry_rows = _insert_telemetry(conn, frames.telemetry, batch_id)
+        telemetry, repeated = _drop_claimed(conn, frames, batch_id, claim_window)
+        duplicates = frames.duplicates + repeated
+        telemetry_rows = _insert_telemetry(conn, telemetry, batch_id)
         event_rows = _insert_events(conn, frames.events, batch_id)
         _insert_messages(conn, frames.messages, batch_id)
         _insert_rejects(conn, frames.rejects, batch_id, info.key)
-        _touch_devices(conn, frames)
+        _touch_devices(conn, activity)
         refresh_from = _earliest(min_ts, old_min)
         refresh_to = _latest(max_ts, old_max)
         conn.execute(
             """UPDATE ingest_batches SET etag = %s, size_bytes = %s, raw_rows = %s,
                    telemetry_rows = %s, event_rows = %s, reject_rows = %s, duplicate_rows = %s,
                    min_ts = %s, max_ts = %s, refresh_from = %s, refresh_to = %s,
-                   loaded_at = now(), dagster_run_id = %s,
+                   loaded_at = clock_timestamp(), dagster_run_id = %s,
                    load_count = load_count + %s
                WHERE batch_id = %s""",
             [
@@ -230,7 +255,7 @@ def load_frames(
                 telemetry_rows,
                 event_rows,
                 frames.rejects.height,
-                frames.duplicates,
+                duplicates,
                 min_ts,
                 max_ts,
                 refresh_from,
@@ -248,7 +273,7 @@ def load_frames(
         telemetry_rows=telemetry_rows,
         event_rows=event_rows,
         reject_rows=frames.rejects.height,
-        duplicate_rows=frames.duplicates,
+        duplicate_rows=duplicates,
         min_ts=min_ts,
         max_ts=max_ts,
         refresh_from=refresh_from,
@@ -258,6 +283,50 @@ def load_frames(
             zip(reasons["reason"].to_list(), reasons["count"].to_list(), strict=True)
         ),
     )
+
+
+def _drop_claimed(
+    conn: psycopg.Connection, frames: DecodedFrames, batch_id: int, window: dt.timedelta
+) -> tuple[pl.DataFrame, int]:
+    """The telemetry rows whose envelope (device_id, seq) no earlier-stored batch has
+    claimed, and how many rows were dropped as duplicates.
+
+    The decoder keeps the first envelope per (device_id, seq) within a batch; this keeps
+    the first *stored* one across batches, so the outcome does not depend on where the
+    daemon cut its batches. A claim is a ``device_messages`` row of a batch stored before
+    this one (lower batch_id: a reload keeps its claims) received within ``window`` of
+    this message: after that a seq may come round again (it wraps at 2^32-1).
+    """
+    telemetry = frames.telemetry
+    envelopes = (
+        frames.messages.filter(pl.col("msg_type") == "telemetry")
+        .unique(subset=["device_id", "seq"], keep="first", maintain_order=True)
+        .select("device_id", "seq", "received_at")
+    )
+    if envelopes.height == 0:
+        return telemetry, 0
+    claimed = conn.execute(
+        """SELECT s.device_id, s.seq
+           FROM unnest(%s::text[], %s::bigint[], %s::timestamptz[]) AS s(device_id, seq, at)
+           WHERE EXISTS (
+               SELECT 1 FROM device_messages m
+               WHERE m.device_id = s.device_id AND m.seq = s.seq
+                 AND m.msg_type = 'telemetry' AND m.batch_id < %s
+                 AND m.received_at BETWEEN s.at - %s AND s.at + %s)""",
+        [
+            envelopes.get_column("device_id").to_list(),
+            envelopes.get_column("seq").to_list(),
+            envelopes.get_column("received_at").to_list(),
+            batch_id,
+            window,
+            window,
+        ],
+    ).fetchall()
+    if not claimed:
+        return telemetry, 0
+    keys = pl.DataFrame(claimed, schema={"device_id": pl.String, "seq": pl.Int64}, orient="row")
+    kept = telemetry.join(keys, on=["device_id", "seq"], how="anti", maintain_order="left")
+    return kept, telemetry.height - kept.height
 
 
 def _earliest(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | None:
@@ -433,22 +502,51 @@ def _insert_rejects(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: int
     )
 
 
-def _touch_devices(conn: psycopg.Connection, frames: DecodedFrames) -> None:
-    seen = (
-        pl.concat(
-            [
-                frames.telemetry.select("device_id", "received_at"),
-                frames.events.select("device_id", "received_at"),
-            ]
-        )
-        .group_by("device_id")
-        .agg(pl.col("received_at").max())
+def device_activity(raw: pa.Table, frames: DecodedFrames) -> pl.DataFrame:
+    """Per device, the newest receive time of an accepted message that is live traffic.
+
+    A retained message that the broker replays to a new subscription (every ingest
+    restart re-subscribes) arrives with the raw ``retain`` flag set: it is an old message,
+    not the device being alive (DESIGN §11). Such rows are matched back to the decoded
+    rows by receive time and the topic's device level (the second level in every topic
+    family, DESIGN §4); a device with a live message at the same instant still counts.
+    """
+    accepted = pl.concat(
+        [
+            frames.telemetry.select("device_id", "received_at"),
+            frames.events.select("device_id", "received_at"),
+        ]
     )
-    if seen.height == 0:
+    if pc.any(raw.column("retain")).as_py():
+        live = (
+            pl.from_arrow(raw.select(["received_at", "topic", "retain"]))
+            .filter(~pl.col("retain"))
+            .select(
+                pl.col("topic")
+                .cast(pl.String)
+                .str.split("/")
+                .list.get(1, null_on_oob=True)
+                .str.to_lowercase()
+                .alias("device_key"),
+                pl.col("received_at").cast(accepted.schema["received_at"]),
+            )
+            .unique()
+        )
+        accepted = accepted.join(
+            live,
+            left_on=[pl.col("device_id").str.to_lowercase(), "received_at"],
+            right_on=["device_key", "received_at"],
+            how="semi",
+        )
+    return accepted.group_by("device_id").agg(pl.col("received_at").max().alias("last_seen"))
+
+
+def _touch_devices(conn: psycopg.Connection, activity: pl.DataFrame) -> None:
+    if activity.height == 0:
         return
     conn.execute(
         """UPDATE devices d SET last_seen = GREATEST(d.last_seen, s.last_seen)
            FROM unnest(%s::text[], %s::timestamptz[]) AS s(device_id, last_seen)
            WHERE d.device_id = s.device_id""",
-        [seen.get_column("device_id").to_list(), seen.get_column("received_at").to_list()],
+        [activity.get_column("device_id").to_list(), activity.get_column("last_seen").to_list()],
     )

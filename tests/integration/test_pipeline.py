@@ -12,6 +12,7 @@ import pytest
 
 from iot_platform.defs.assets import load, rollups
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
+from iot_platform.defs.jobs import load_job
 from iot_platform.defs.sensors import raw_batch_sensor
 from iot_platform.discovery import Cursor, discover
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
@@ -203,7 +204,8 @@ def test_sensor_requests_one_run_per_hour_with_its_manifest(resources):
     for n, delta in enumerate((dt.timedelta(minutes=2), dt.timedelta(seconds=30))):
         info = put_batch(store, telemetry_messages(DEVICES[:1], now - delta, 1), seq=100 + n)
         now_keys.append(info.key)
-    context = dg.build_sensor_context(resources=resources)
+    instance = dg.DagsterInstance.ephemeral()
+    context = dg.build_sensor_context(resources=resources, instance=instance)
     result = raw_batch_sensor(context)
     assert isinstance(result, dg.SensorResult)
     by_partition = {r.partition_key: r for r in result.run_requests}
@@ -214,5 +216,55 @@ def test_sensor_requests_one_run_per_hour_with_its_manifest(resources):
         assert manifest == sorted(
             k for k in [*keys, *now_keys] if BatchKey.parse(k).partition_key == partition
         )
-    again = raw_batch_sensor(dg.build_sensor_context(resources=resources, cursor=result.cursor))
-    assert isinstance(again, dg.SkipReason) and "no new raw batches" in again.skip_message
+    again = raw_batch_sensor(
+        dg.build_sensor_context(resources=resources, cursor=result.cursor, instance=instance)
+    )
+    assert not again.run_requests
+    assert again.skip_reason and "0 new batches" in again.skip_reason.skip_message
+
+
+def _manifest(request: dg.RunRequest) -> list[str]:
+    return request.run_config["ops"]["load_raw_batches"]["config"]["batch_keys"]
+
+
+def test_sensor_holds_new_keys_while_the_hours_run_is_in_flight(resources):
+    """Coalescing: one queued-or-running load per hour; keys found meanwhile wait in the
+    cursor and all go into the hour's next run."""
+    store = resources["object_store"].store()
+    instance = dg.DagsterInstance.ephemeral()
+    job = dg.Definitions(assets=ASSETS, jobs=[load_job], resources=resources).resolve_job_def(
+        load_job.name
+    )
+    now = dt.datetime.now(dt.UTC)
+
+    def put(n: int) -> str:
+        at = now - dt.timedelta(seconds=60 - n)
+        return put_batch(store, telemetry_messages(DEVICES[:1], at, 1), seq=200 + n).key
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        context = dg.build_sensor_context(resources=resources, cursor=cursor, instance=instance)
+        return raw_batch_sensor(context)
+
+    first_key = put(0)
+    partition = BatchKey.parse(first_key).partition_key
+    first = tick(None)
+    assert [_manifest(r) for r in first.run_requests] == [[first_key]]
+    # The daemon launched the requested run; it has not finished when new batches land.
+    running = instance.create_run_for_job(
+        job, status=dg.DagsterRunStatus.STARTED, tags={"dagster/partition": partition}
+    )
+    later = [put(n) for n in (1, 2, 3)]
+    held = tick(first.cursor)
+    assert not held.run_requests
+    assert "3 batches" in held.skip_reason.skip_message
+    assert Cursor.loads(held.cursor).pending == {partition: later}
+    still = tick(held.cursor)  # nothing new, still in flight: still waiting, nothing lost
+    assert not still.run_requests and Cursor.loads(still.cursor).pending == {partition: later}
+
+    instance.delete_run(running.run_id)  # the run is over (its status no longer in flight)
+    released = tick(still.cursor)
+    assert [(r.partition_key, _manifest(r)) for r in released.run_requests] == [
+        (partition, later)
+    ]
+    assert Cursor.loads(released.cursor).pending == {}
+    assert not tick(released.cursor).run_requests  # each key requested exactly once
