@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from iot_platform.defs.assets import load, rollups
-from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.defs.jobs import load_job
+from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.defs.sensors import raw_batch_sensor
 from iot_platform.discovery import Cursor, discover
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
@@ -263,8 +263,6 @@ def test_sensor_holds_new_keys_while_the_hours_run_is_in_flight(resources):
 
     instance.delete_run(running.run_id)  # the run is over (its status no longer in flight)
     released = tick(still.cursor)
-    assert [(r.partition_key, _manifest(r)) for r in released.run_requests] == [
-        (partition, later)
-    ]
+    assert [(r.partition_key, _manifest(r)) for r in released.run_requests] == [(partition, later)]
     assert Cursor.loads(released.cursor).pending == {}
     assert not tick(released.cursor).run_requests  # each key requested exactly once
