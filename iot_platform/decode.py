@@ -25,7 +25,8 @@ Rules decided here (beyond DESIGN §4)
 -------------------------------------
 * Check order per message: oversized (before any parsing), unknown family, invalid
   device id (topic), empty payload, UTF-8, JSON syntax, then per envelope field in the
-  order v, device_id, ts, seq, msg_type, measurements|status; the first failure wins.
+  order v, device_id, ts (format, then plausibility), seq, msg_type,
+  measurements|status; the first failure wins.
 * A bad measurement drops only that measurement; the good ones of the message are kept.
   The message gets ONE reject row: reason of its first bad measurement, detail listing
   them (``measurements[3].val is a string, expected a number``), the message excerpt.
@@ -39,6 +40,14 @@ Rules decided here (beyond DESIGN §4)
   negative or larger is value_out_of_range). ``v`` must be the integer 2.
 * ``ts``: ISO 8601 / RFC 3339 date-time ``YYYY-MM-DD[T ]HH:MM:SS[.fraction][Z|±HH[:]MM]``;
   without an offset it is taken as UTC; anything else is wrong_type.
+* Device time is checked against receive time (``TsWindow``): an envelope or measurement
+  ``ts`` more than ``ahead`` after ``received_at`` or more than ``age`` before it is
+  ts_out_of_range (the value and both bounds in the detail), so no single message can
+  stretch a rollup refresh window to 1970 or 9999. A status (last will) carries the
+  device's connect time, which may be arbitrarily old: for status only ``ahead`` applies
+  (presence is ordered by receive time). A leap second (``23:59:60``) is
+  ts_out_of_range: timestamps here cannot represent it, and turning it silently into the
+  next minute would reorder readings.
 * Metric names (measurement ``type``, the ``devices/{id}/{metric}`` topic level) must match
   ``METRIC_PATTERN`` and units ``UNIT_PATTERN``, else wrong_type: they land in text columns
   analysts group by, so control characters and kilobyte names are refused.
@@ -54,7 +63,9 @@ Rules decided here (beyond DESIGN §4)
   whitespace except for raw_string. ``scale`` applies to hex_to_float only (booleans
   stay 0/1). A boolean_map longer than MAX_MEASUREMENTS is too_many_measurements.
   Duplicate ``device_parameters`` keys: the first row wins.
-* De-duplication: accepted telemetry envelopes on (device_id, seq), first received wins;
+* De-duplication: accepted telemetry envelopes on (device_id, seq), first received wins
+  (telemetry rows carry their envelope's seq, so the loader applies the same rule across
+  batches: first stored wins, ``iot_platform.warehouse.load``);
   then all telemetry rows on (device_id, metric, ts), first wins; events on
   (device_id, msg_type, seq, ts, body). ``duplicates`` counts telemetry and event rows
   dropped. ``messages`` is NOT de-duplicated: it is the evidence for the seq
@@ -65,6 +76,7 @@ Rules decided here (beyond DESIGN §4)
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import math
@@ -102,6 +114,7 @@ TELEMETRY_SCHEMA = pl.Schema(
         "value": pl.Float64,
         "unit": pl.String,
         "received_at": UTC_US,
+        "seq": pl.Int64,  # the v2 envelope's (cross-batch de-duplication); null otherwise
     }
 )
 MESSAGES_SCHEMA = pl.Schema(
@@ -147,14 +160,28 @@ class RejectReason(StrEnum):
     TOO_MANY_MEASUREMENTS = "too_many_measurements"
     UNSUPPORTED_VERSION = "unsupported_version"
     UNKNOWN_DEVICE = "unknown_device"
+    TS_OUT_OF_RANGE = "ts_out_of_range"
 
 
 R = RejectReason
 
 
 @dataclass(frozen=True)
+class TsWindow:
+    """How far device time may be from receive time: at most ``ahead`` after it, at most
+    ``age`` before it (settings IOT_TS_MAX_AHEAD_S / IOT_TS_MAX_AGE_S). ``age`` is also
+    how long a telemetry (device_id, seq) stays claimed by the first message stored."""
+
+    ahead: dt.timedelta = dt.timedelta(days=1)
+    age: dt.timedelta = dt.timedelta(days=7)
+
+
+DEFAULT_TS_WINDOW = TsWindow()
+
+
+@dataclass(frozen=True)
 class DecodedFrames:
-    telemetry: pl.DataFrame  # ts, device_id, metric, value, unit, received_at
+    telemetry: pl.DataFrame  # ts, device_id, metric, value, unit, received_at, seq
     messages: pl.DataFrame  # device_id, seq, ts, received_at, msg_type
     events: pl.DataFrame  # ts, device_id, msg_type, seq, body, received_at
     rejects: pl.DataFrame  # received_at, topic, reason, detail, payload_excerpt
@@ -217,6 +244,7 @@ _MAX_FLOAT_INT = 2**1023  # ints at or beyond this overflow a double (treated as
 _SPLIT_MIN_ROWS = 256
 _NUL_ESCAPE = r"(?:^|[^\\])(?:\\\\)*\\u0000"
 _TS_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?(?:[Zz]|[+-]\d{2}:?\d{2})?$"
+_LEAP_SECOND = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:60"
 _NUMBER_PATTERN = r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$"
 _NONFINITE_PATTERN = r"(?i)^[+-]?(?:nan|inf|infinity)$"
 _BOOLEAN_WORDS = {"1": 1.0, "true": 1.0, "on": 1.0, "0": 0.0, "false": 0.0, "off": 0.0}
@@ -231,6 +259,7 @@ def decode_raw(
     *,
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     known_devices: Collection[str] | None = None,
+    ts_window: TsWindow = DEFAULT_TS_WINDOW,
 ) -> DecodedFrames:
     """Decode raw MQTT rows (RAW_SCHEMA columns: received_at, topic, payload[, qos,
     retain]) into telemetry, messages, events and rejects (see the module docstring).
@@ -239,8 +268,9 @@ def decode_raw(
     component, encoding, metric[, unit, scale]); without it every parametrised message is
     unknown_parameter. ``known_devices`` is the device registry: when given, messages
     from a well-formed device id outside it are unknown_device (kept in the raw batch, so
-    a backfill after enrolling the device recovers them). Raises only on programming
-    errors (missing columns, wrong types)."""
+    a backfill after enrolling the device recovers them). ``ts_window`` bounds device
+    time relative to receive time. Raises only on programming errors (missing columns,
+    wrong types)."""
     base = _prepare(raw)
     params = _prepare_parameters(parameters)
     out = _Collector(base)
@@ -249,7 +279,7 @@ def decode_raw(
         rows = _to_text(rows, out)
         v2 = rows.filter(pl.col("family") == "v2")
         if v2.height:
-            _decode_v2(v2, out)
+            _decode_v2(v2, out, ts_window)
         scalar = rows.filter(pl.col("family") == "scalar")
         if scalar.height:
             _decode_scalar(scalar, out)
@@ -564,9 +594,18 @@ class _Collector:
 
 
 def _concat(parts: list[pl.DataFrame], schema: dict[str, Any]) -> pl.DataFrame:
+    """The parts in ``schema``; a column a part lacks (seq of scalar telemetry) is null."""
     if not parts:
         return pl.DataFrame(schema=schema)
-    return pl.concat([p.select([pl.col(c).cast(t) for c, t in schema.items()]) for p in parts])
+    return pl.concat(
+        [
+            p.select(
+                pl.col(c).cast(t) if c in p.columns else pl.lit(None, t).alias(c)
+                for c, t in schema.items()
+            )
+            for p in parts
+        ]
+    )
 
 
 def _first_failure(checks: list[tuple[pl.Expr, Any, Any]]) -> tuple[pl.Expr, pl.Expr]:
@@ -610,7 +649,8 @@ def _with_ts(frame: pl.DataFrame, source: str, target: str) -> pl.DataFrame:
     fast = pl.col("_key").str.to_datetime(
         "%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us", time_zone="UTC", strict=False
     )
-    table = keys.with_columns(_ok=pl.col("_key").str.contains(_TS_PATTERN), _parsed=fast)
+    ok = pl.col("_key").str.contains(_TS_PATTERN) & ~pl.col("_key").str.contains(_LEAP_SECOND)
+    table = keys.with_columns(_ok=ok, _parsed=fast)
     slow = table.filter(pl.col("_ok") & pl.col("_parsed").is_null())
     if slow.height:
         table = pl.concat(
@@ -630,7 +670,54 @@ def _out_of_range(value: pl.Expr) -> pl.Expr:
 # ======================================================================================
 # v2 envelopes (iot/{id}/...)
 # ======================================================================================
-def _decode_v2(rows: pl.DataFrame, out: _Collector) -> None:
+def _ts_checks(
+    text: pl.Expr, parsed: pl.Expr, where: pl.Expr, window: TsWindow, *, check_age: bool = True
+) -> list[tuple[pl.Expr, Any, Any]]:
+    """The checks of a present ``ts`` (``text``) parsed as ``parsed``: leap second, format,
+    plausibility against ``received_at``. ``where`` names the field in the details."""
+    received = pl.col("received_at")
+    shown = received.dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ")
+    checks: list[tuple[pl.Expr, Any, Any]] = [
+        (
+            text.str.contains(_LEAP_SECOND),
+            R.TS_OUT_OF_RANGE,
+            pl.format("{} '{}' is a leap second, which is not supported", where, _show(text)),
+        ),
+        (
+            text.is_not_null() & parsed.is_null(),
+            R.WRONG_TYPE,
+            pl.format("{} '{}' is not an ISO 8601 date-time", where, _show(text)),
+        ),
+        (
+            parsed > received + window.ahead,
+            R.TS_OUT_OF_RANGE,
+            pl.format(
+                "{} '{}' is more than {} after receive time {}",
+                where,
+                _show(text),
+                pl.lit(str(window.ahead)),
+                shown,
+            ),
+        ),
+    ]
+    if check_age:
+        checks.append(
+            (
+                parsed < received - window.age,
+                R.TS_OUT_OF_RANGE,
+                pl.format(
+                    "{} '{}' is more than {} before receive time {}",
+                    where,
+                    _show(text),
+                    pl.lit(str(window.age)),
+                    shown,
+                ),
+            )
+        )
+    return checks
+
+
+def _decode_v2(rows: pl.DataFrame, out: _Collector, ts_window: TsWindow) -> None:
     group_of = pl.when(pl.col("kind") == "telemetry").then(pl.lit("telemetry"))
     group_of = group_of.when(pl.col("kind") == "status").then(pl.lit("status"))
     rows = rows.with_columns(_group=group_of.otherwise(pl.lit("event")))
@@ -641,9 +728,9 @@ def _decode_v2(rows: pl.DataFrame, out: _Collector) -> None:
         parsed, env_issues, meas_issues = _parse_group(part, group, out)
         if not parsed.height:
             continue
-        envelopes = _check_envelopes(parsed, env_issues, group, out)
+        envelopes = _check_envelopes(parsed, env_issues, group, out, ts_window)
         if group == "telemetry":
-            _emit_telemetry(envelopes, meas_issues, out)
+            _emit_telemetry(envelopes, meas_issues, out, ts_window)
         else:
             _emit_events(envelopes, out)
 
@@ -1071,7 +1158,7 @@ def _repair_measurements(
 
 # ---- vectorised envelope checks ----------------------------------------------------------
 def _check_envelopes(
-    parsed: pl.DataFrame, env_issues: pl.DataFrame, group: str, out: _Collector
+    parsed: pl.DataFrame, env_issues: pl.DataFrame, group: str, out: _Collector, window: TsWindow
 ) -> pl.DataFrame:
     frame = _with_ts(_with_issues(parsed, env_issues, ["_row"]), "ts", "_ts")
     v, device, ts, seq, msg_type = (pl.col(c) for c in ("v", "device_id", "ts", "seq", "msg_type"))
@@ -1095,11 +1182,7 @@ def _check_envelopes(
         ),
         _pre("ts"),
         (ts.is_null(), R.MISSING_FIELD, pl.lit("missing field 'ts'")),
-        (
-            pl.col("_ts").is_null(),
-            R.WRONG_TYPE,
-            pl.format("ts '{}' is not an ISO 8601 date-time", _show(ts)),
-        ),
+        *_ts_checks(ts, pl.col("_ts"), pl.lit("ts"), window, check_age=group != "status"),
         _pre("seq"),
         (
             seq.is_null() & pl.lit(seq_required),
@@ -1185,7 +1268,9 @@ def _emit_events(envelopes: pl.DataFrame, out: _Collector) -> None:
     )
 
 
-def _emit_telemetry(envelopes: pl.DataFrame, meas_issues: pl.DataFrame, out: _Collector) -> None:
+def _emit_telemetry(
+    envelopes: pl.DataFrame, meas_issues: pl.DataFrame, out: _Collector, window: TsWindow
+) -> None:
     # duplicate envelopes (device_id, seq): the first received wins (rows sorted by _row)
     envelopes = envelopes.sort("_row").with_columns(
         _dup=~pl.struct("topic_device", "seq").is_first_distinct()
@@ -1195,6 +1280,7 @@ def _emit_telemetry(envelopes: pl.DataFrame, meas_issues: pl.DataFrame, out: _Co
             "_row",
             "_dup",
             "topic_device",
+            "seq",
             "received_at",
             "_ts",
             m="measurements",
@@ -1229,11 +1315,7 @@ def _emit_telemetry(envelopes: pl.DataFrame, meas_issues: pl.DataFrame, out: _Co
             ),
         ),
         _pre("ts"),
-        (
-            mts.is_not_null() & pl.col("_mts").is_null(),
-            R.WRONG_TYPE,
-            pl.format("{}.ts '{}' is not an ISO 8601 date-time", where, _show(mts)),
-        ),
+        *_ts_checks(mts, pl.col("_mts"), pl.format("{}.ts", where), window),
         _pre("unit"),
         (
             unit.is_not_null() & ~unit.str.contains(UNIT_PATTERN),
@@ -1283,6 +1365,7 @@ def _emit_telemetry(envelopes: pl.DataFrame, meas_issues: pl.DataFrame, out: _Co
             value="val",
             unit="unit",
             received_at="received_at",
+            seq="seq",
         )
     )
 

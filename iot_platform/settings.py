@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CRL_REFRESH_HOURS = 6  # crl_refresh_schedule's period
+MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
 
 
 class SettingsError(ValueError):
@@ -124,6 +125,9 @@ class PlatformSettings:
     simulator_devices: int
     simulator_interval_s: float
     simulator_faults: tuple[str, ...]
+    mqtt_max_payload_bytes: int
+    ts_max_ahead_s: float
+    ts_max_age_s: float
 
     @classmethod
     def from_env(cls) -> PlatformSettings:
@@ -135,6 +139,12 @@ class PlatformSettings:
                 f"IOT_CRL_DAYS={crl_days} leaves no room for IOT_CRL_MIN_REMAINING_HOURS="
                 f"{crl_margin:g} plus the {CRL_REFRESH_HOURS} h refresh period: the CRL "
                 "check would always fail"
+            )
+        mqtt_max_payload = env_int("IOT_MQTT_MAX_PAYLOAD_BYTES", 1024 * 1024, minimum=1)
+        if mqtt_max_payload > MQTT_MAX_PACKET_BYTES:
+            raise SettingsError(
+                f"IOT_MQTT_MAX_PAYLOAD_BYTES={mqtt_max_payload} exceeds what MQTT can carry "
+                f"({MQTT_MAX_PACKET_BYTES})"
             )
         object_store = env_str("IOT_OBJECT_STORE", "local")
         if object_store not in {"local", "s3"}:
@@ -169,4 +179,10 @@ class PlatformSettings:
             # One visibly faulty device by default, so the health checks have something
             # to flag: device 1 (a meter-ac) reports timestamps ~10 minutes off.
             simulator_faults=tuple(env_str("IOT_SIMULATOR_FAULTS", "1=skew").split()),
+            # The one payload limit: the broker refuses larger publishes (a v5 device sees
+            # the reason code) and the ingest daemon keeps everything the broker delivers.
+            mqtt_max_payload_bytes=mqtt_max_payload,
+            # Device time vs receive time (decoder: ts_out_of_range outside this window).
+            ts_max_ahead_s=env_float("IOT_TS_MAX_AHEAD_S", 86_400, minimum=0),
+            ts_max_age_s=env_float("IOT_TS_MAX_AGE_S", 7 * 86_400, minimum=60),
         )

@@ -42,15 +42,29 @@ _ROLLUP_COLUMNS = sql.SQL(", ").join(
     )
 )
 _EPOCH = dt.datetime(2000, 1, 3, tzinfo=dt.UTC)  # time_bucket's origin (a Monday)
+_FIRST = dt.datetime.min.replace(tzinfo=dt.UTC)
+_LAST = dt.datetime.max.replace(tzinfo=dt.UTC)
 
 
 def align(
     start: dt.datetime, end: dt.datetime, width: dt.timedelta
 ) -> tuple[dt.datetime, dt.datetime]:
-    """The smallest window of whole buckets of ``width`` covering [start, end]."""
-    lo = _EPOCH + ((start - _EPOCH) // width) * width
-    hi = _EPOCH + ((end - _EPOCH) // width + 1) * width
-    return lo, hi
+    """The smallest window of whole buckets of ``width`` covering [start, end].
+
+    Clamped to what a Python datetime can hold: a bucket edge beyond year 1 or 9999
+    (the decoder refuses such device times; a ledger written before it did may still
+    hold them) becomes that limit instead of an OverflowError that fails every retry.
+    """
+    return _bucket_edge(start, width, 0), _bucket_edge(end, width, 1)
+
+
+def _bucket_edge(at: dt.datetime, width: dt.timedelta, shift: int) -> dt.datetime:
+    """The start of the bucket holding ``at``, moved ``shift`` buckets on, clamped."""
+    buckets = (at - _EPOCH) // width + shift
+    try:
+        return _EPOCH + buckets * width
+    except OverflowError:
+        return _LAST if buckets > 0 else _FIRST
 
 
 _PLAIN_FROM_TELEMETRY = """

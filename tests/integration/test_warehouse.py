@@ -14,7 +14,7 @@ from iot_platform.objectstore import LocalDirectoryStore
 from iot_platform.warehouse.aggregates import ROLLUPS, refresh
 from iot_platform.warehouse.load import known_devices, load_object, load_parameters
 from iot_platform.warehouse.migrations import MIGRATIONS, Dialect, migrate
-from tests.warehouse_data import put_batch, telemetry_messages
+from tests.warehouse_data import envelope, put_batch, telemetry_messages
 
 pytestmark = pytest.mark.integration
 
@@ -202,3 +202,60 @@ def test_a_redelivered_message_in_another_batch_is_stored_once(warehouse, tmp_pa
     assert (first.telemetry_rows, second.telemetry_rows) == (2 * 20 * 3, 0)
     assert _counts(warehouse)["telemetry"] == 2 * 20 * 3
     assert _counts(warehouse)["device_messages"] == 2 * 20 + 10  # evidence of duplicates
+
+
+def test_the_same_seq_in_two_batches_keeps_the_first_stored_whatever_the_batching(
+    warehouse, tmp_path
+):
+    """Issue 11: same (device_id, seq), different content, in different batches."""
+    store = LocalDirectoryStore(tmp_path)
+    original = envelope("dev-a", 7, T0, {"voltage_dc": 700.0, "current_dc": 10.0})
+    changed = envelope("dev-a", 7, T0 + dt.timedelta(seconds=3), {"voltage_dc": 999.0})
+    after = envelope("dev-a", 8, T0 + dt.timedelta(seconds=10), {"voltage_dc": 701.0})
+    topic = "iot/dev-a/telemetry"
+    at = T0 + dt.timedelta(milliseconds=100)
+    one = put_batch(store, [(at, topic, original)], seq=1)
+    two = put_batch(
+        store, [(at + dt.timedelta(seconds=5), topic, changed), (at, topic, after)], seq=2
+    )
+    first, second = _load(warehouse, store, one), _load(warehouse, store, two)
+    assert (first.telemetry_rows, second.telemetry_rows) == (2, 1)
+    assert second.duplicate_rows == 1  # counted in the ledger too
+    assert warehouse.execute(
+        "SELECT duplicate_rows FROM ingest_batches WHERE batch_id = %s", [second.batch_id]
+    ).fetchone() == (1,)
+
+    def stored() -> list[tuple]:
+        return warehouse.execute(
+            "SELECT ts, metric, value FROM telemetry ORDER BY ts, metric"
+        ).fetchall()
+
+    expected = [
+        (T0, "current_dc", 10.0),
+        (T0, "voltage_dc", 700.0),
+        (T0 + dt.timedelta(seconds=10), "voltage_dc", 701.0),
+    ]
+    assert stored() == expected
+    # Reloads in either order (backfills) keep the first stored: claims survive a reload.
+    _load(warehouse, store, one)
+    _load(warehouse, store, two)
+    _load(warehouse, store, one)
+    assert stored() == expected
+    # Inside one batch the decoder applies the same rule: first received wins.
+    both = put_batch(store, [(at, topic, original), (at, topic, changed)], seq=3)
+    warehouse.execute("DELETE FROM telemetry")
+    warehouse.execute("DELETE FROM device_messages")
+    inside = _load(warehouse, store, both)
+    assert (inside.telemetry_rows, inside.duplicate_rows) == (2, 1)
+    assert stored() == expected[:2]
+
+
+def test_a_seq_reused_after_the_claim_window_is_new_data(warehouse, tmp_path):
+    store = LocalDirectoryStore(tmp_path)
+    topic = "iot/dev-b/telemetry"
+    old = envelope("dev-b", 1, T0, {"voltage_dc": 1.0})
+    later = T0 + dt.timedelta(days=8)  # beyond the default 7-day window: seq came round
+    new = envelope("dev-b", 1, later, {"voltage_dc": 2.0})
+    _load(warehouse, store, put_batch(store, [(T0, topic, old)], seq=1))
+    loaded = _load(warehouse, store, put_batch(store, [(later, topic, new)], seq=2))
+    assert (loaded.telemetry_rows, loaded.duplicate_rows) == (1, 0)

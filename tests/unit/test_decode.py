@@ -128,9 +128,17 @@ def test_telemetry_envelope_explodes_measurements_with_ts_fallback():
     out = decode(("iot/dev-1/telemetry", payload))
     assert out.rejects.is_empty() and out.duplicates == 0
     assert out.telemetry.rows() == [
-        (dt.datetime(2026, 3, 1, 11, 59, 58, tzinfo=dt.UTC), "dev-1", "voltage_dc", 756.3, "V", T0),
-        (TS_DT, "dev-1", "current_dc", 12.0, None, T0),
-        (TS_DT, "dev-1", "temp_internal", -4.5e-3, "°C", T0),
+        (
+            dt.datetime(2026, 3, 1, 11, 59, 58, tzinfo=dt.UTC),
+            "dev-1",
+            "voltage_dc",
+            756.3,
+            "V",
+            T0,
+            1,
+        ),
+        (TS_DT, "dev-1", "current_dc", 12.0, None, T0, 1),
+        (TS_DT, "dev-1", "temp_internal", -4.5e-3, "°C", T0, 1),
     ]
     assert out.messages.rows() == [("dev-1", 1, TS_DT, T0, "telemetry")]
     assert out.events.is_empty()
@@ -213,9 +221,9 @@ def test_scalar_topic_is_a_bare_number_at_receive_time():
     )
     assert out.rejects.is_empty()
     assert out.telemetry.rows() == [
-        (at(0), "sensor-7", "temperature", 23.5, None, at(0)),
-        (at(1), "sensor-7", "humidity", -10.0, None, at(1)),
-        (at(2), "sensor-7", "count", 42.0, None, at(2)),
+        (at(0), "sensor-7", "temperature", 23.5, None, at(0), None),
+        (at(1), "sensor-7", "humidity", -10.0, None, at(1), None),
+        (at(2), "sensor-7", "count", 42.0, None, at(2), None),
     ]
 
 
@@ -252,7 +260,7 @@ def test_parametrised_topics_decode_by_device_parameters():
 def test_raw_batch_round_trip_through_the_contract_reader():
     payloads = [envelope(seq=1).encode(), b"21.5", b"{oops"]
     encoded = encode_batch(
-        received_at_us=[1, 2, 3],
+        received_at_us=[int(T0.timestamp() * 1_000_000) + n for n in (1, 2, 3)],
         topics=["iot/dev-1/telemetry", "devices/dev-1/temp", "iot/dev-1/telemetry"],
         payloads=payloads,
         qos=[1, 0, 1],
@@ -410,6 +418,21 @@ REJECT_CASES = [
         "too_many_measurements",
     ),
     (f"tele/{MAC}/auto/c1/doors", "01" * 101, "too_many_measurements"),
+    # ts_out_of_range (received at T0 = 2026-03-01T12:00:00Z)
+    ("iot/dev-1/telemetry", envelope(ts="9999-12-31T23:59:59Z"), "ts_out_of_range"),
+    ("iot/dev-1/telemetry", envelope(ts="1970-01-01T00:00:00Z"), "ts_out_of_range"),
+    ("iot/dev-1/telemetry", envelope(ts="2026-03-01T11:59:60Z"), "ts_out_of_range"),  # leap
+    (
+        "iot/dev-1/telemetry",
+        envelope(measurements=[_m(ts="9999-12-31T23:59:59Z")]),
+        "ts_out_of_range",
+    ),
+    ("iot/dev-1/hello", event(ts="9999-12-31T23:59:59Z"), "ts_out_of_range"),
+    (
+        "iot/dev-1/status",
+        event(kind="status", status="online", ts="9999-12-31T23:59:59Z"),
+        "ts_out_of_range",
+    ),
     # unsupported_version
     ("iot/dev-1/telemetry", envelope(v=1), "unsupported_version"),
     ("iot/dev-1/telemetry", envelope(v=3, seq="not checked after v"), "unsupported_version"),
@@ -459,6 +482,73 @@ def test_oversized_is_checked_before_parsing_with_a_10_mb_payload():
     assert out.telemetry.height == 1
     small = decode(("devices/dev-1/t", "12345"), max_payload_bytes=4)
     assert reasons(small) == ["oversized"]
+
+
+@pytest.mark.parametrize(
+    ("ts", "accepted"),
+    [
+        (T0 + dt.timedelta(days=1), True),  # exactly the default 1 day ahead
+        (T0 + dt.timedelta(days=1, microseconds=1), False),
+        (T0 - dt.timedelta(days=7), True),  # exactly the default 7 days old
+        (T0 - dt.timedelta(days=7, microseconds=1), False),
+    ],
+)
+def test_device_time_window_boundaries(ts, accepted):
+    text = ts.isoformat().replace("+00:00", "Z")
+    out = decode(("iot/dev-1/telemetry", envelope(ts=text)))
+    assert out.telemetry.height == (1 if accepted else 0)
+    if not accepted:
+        reject = only_reject(out)
+        assert reject["reason"] == "ts_out_of_range"
+        assert text in reject["detail"] and "2026-03-01T12:00:00" in reject["detail"]
+        assert out.messages.is_empty()  # no seq evidence from a message that was refused
+
+
+def test_device_time_window_is_a_setting_and_measurement_level():
+    window = decode_module.TsWindow(ahead=dt.timedelta(seconds=5), age=dt.timedelta(hours=1))
+    payload = envelope(
+        ts="2026-03-01T11:59:59Z",
+        measurements=[
+            _m(ts="2026-03-01T12:00:06Z"),  # 6 s ahead of receive time
+            _m(type="current_dc", ts="2026-03-01T10:59:59Z"),  # 1 h 1 s old
+            _m(type="power_dc"),  # the envelope's ts
+        ],
+    )
+    out = decode(("iot/dev-1/telemetry", payload), ts_window=window)
+    assert out.telemetry.get_column("metric").to_list() == ["power_dc"]
+    reject = only_reject(out)
+    assert reject["reason"] == "ts_out_of_range"
+    assert "2 of 3 measurements dropped" in reject["detail"]
+    assert (
+        "measurements[0].ts '2026-03-01T12:00:06Z' is more than 0:00:05 after" in reject["detail"]
+    )
+    assert (
+        "measurements[1].ts '2026-03-01T10:59:59Z' is more than 1:00:00 before" in reject["detail"]
+    )
+    assert reasons(decode(("iot/dev-1/telemetry", payload))) == []  # default window: fine
+
+
+def test_status_ts_may_be_old_but_not_ahead():
+    # A last will carries the connect time, which may be weeks old; presence is ordered
+    # by receive time. A status from the future is still refused.
+    old = event(kind="status", seq=DROP, status="offline", ts="2025-01-01T00:00:00Z")
+    out = decode(("iot/dev-1/status", old, True))
+    assert out.rejects.is_empty() and out.events.height == 1
+    ahead = event(kind="status", seq=DROP, status="online", ts="2026-03-03T00:00:00Z")
+    assert reasons(decode(("iot/dev-1/status", ahead))) == ["ts_out_of_range"]
+
+
+def test_leap_second_is_rejected_not_moved_to_the_next_minute():
+    out = decode(
+        ("iot/dev-1/telemetry", envelope(ts="2026-03-01T11:59:60Z")),
+        (
+            "iot/dev-1/telemetry",
+            envelope(seq=2, measurements=[_m(ts="2026-03-01T11:59:60.5Z"), _m(type="b")]),
+        ),
+    )
+    assert reasons(out) == ["ts_out_of_range", "ts_out_of_range"]
+    assert "leap second" in out.rejects.item(0, "detail")
+    assert out.telemetry.select("metric", "ts").rows() == [("b", TS_DT)]
 
 
 def test_parameters_missing_or_unsupported_encoding_is_unknown_parameter():

@@ -15,11 +15,13 @@ from collections import Counter
 import dagster as dg
 from pydantic import Field
 
+from iot_platform.decode import DEFAULT_MAX_PAYLOAD_BYTES, TsWindow
 from iot_platform.defs.assets.keys import DEVICE_EVENTS, RAW_BATCHES, TELEMETRY
 from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.objectstore import ObjectNotFound
 from iot_platform.rawbatch import hour_prefix
+from iot_platform.settings import PlatformSettings
 from iot_platform.warehouse.load import BatchLoad, known_devices, load_objects, load_parameters
 
 raw_batches = dg.AssetSpec(
@@ -45,7 +47,8 @@ class LoadConfig(dg.Config):
         description="Object keys to load (the sensor's manifest). Empty: every batch of the hour.",
     )
     max_payload_bytes: int = Field(
-        default=256 * 1024, description="Payloads larger than this are rejected as oversized."
+        default=DEFAULT_MAX_PAYLOAD_BYTES,
+        description="Payloads larger than this are rejected as oversized (not parsed).",
     )
 
 
@@ -104,6 +107,11 @@ def load_raw_batches(
         ) from exc
     context.log.info(f"partition {partition}: loading {len(infos)} batches ({mode})")
 
+    settings = PlatformSettings.from_env()
+    ts_window = TsWindow(
+        ahead=dt.timedelta(seconds=settings.ts_max_ahead_s),
+        age=dt.timedelta(seconds=settings.ts_max_age_s),
+    )
     loads: list[BatchLoad] = []
     with warehouse.connect() as conn:
         parameters = load_parameters(conn)
@@ -117,6 +125,7 @@ def load_raw_batches(
             parameters=parameters,
             devices=devices,
             max_payload_bytes=config.max_payload_bytes,
+            ts_window=ts_window,
         )
         for n, (_decoded, load, _seconds) in enumerate(batches, 1):
             loads.append(load)
