@@ -54,6 +54,16 @@ CONTROLLER_PARAMETERS = [
 ]
 
 
+SEQ_MODULUS = 2**32  # seq wraps at 2^32-1 (DESIGN §4)
+
+
+def _first_seq() -> int:
+    """Where a simulated device's seq starts: the clock in milliseconds, so a restarted
+    simulator continues above the seqs it already sent (the warehouse keeps the first
+    stored (device_id, seq) for IOT_TS_MAX_AGE_S; restarting at 1 would look like a replay)."""
+    return time.time_ns() // 1_000_000 % SEQ_MODULUS
+
+
 @dataclass
 class SimDevice:
     device_id: str
@@ -61,7 +71,7 @@ class SimDevice:
     faults: frozenset[str] = frozenset()
     send_interval_s: float = 10.0
     hello_interval_s: float = 30.0
-    seq: int = 0
+    seq: int = field(default_factory=_first_seq)
     sent: int = 0
     client: mqtt.Client | None = None
     rng: random.Random = field(default_factory=random.Random)
@@ -201,10 +211,10 @@ class Fleet:
             self.report.published[what] += 1
 
     def _next_seq(self, device: SimDevice) -> int:
-        device.seq += 1
+        device.seq = (device.seq + 1) % SEQ_MODULUS
         if "gap" in device.faults and device.seq % 7 == 0:
             self.report.skipped_seq.setdefault(device.device_id, []).append(device.seq)
-            device.seq += 1  # this seq number is never sent
+            device.seq = (device.seq + 1) % SEQ_MODULUS  # this seq number is never sent
         return device.seq
 
     def _telemetry(self, device: SimDevice) -> None:
