@@ -15,18 +15,10 @@ from iot_platform.settings import (
     env_int,
     env_str,
 )
+from iot_platform.topics import ingest_subscriptions
 
-DEFAULT_TOPICS = (
-    "iot/+/telemetry",
-    "iot/+/hello",
-    "iot/+/status",
-    "iot/+/command/ack",
-    "iot/+/ota/status",
-    "devices/+/+",
-    "tele/#",
-    "stat/#",
-    "cmnd/#",
-)
+# Exactly the topic families the broker lets devices publish (iot_platform.topics).
+DEFAULT_TOPICS = ingest_subscriptions()
 
 
 DEFAULT_METRICS_PORT = 9108

@@ -93,6 +93,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.json as pajson
 
+from iot_platform.topics import routing_pattern, v2_kinds
+
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # = iot_platform.pki.DEVICE_ID_PATTERN
 PARAM_DEVICE_ID_PATTERN = r"^f2-[0-9A-Fa-f]{12}$"
 METRIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
@@ -208,13 +210,7 @@ _GROUP_SPECS: dict[str, tuple[tuple[str, str], ...]] = {
     "status": (*_ENVELOPE, ("status", _STR)),
     "event": _ENVELOPE,
 }
-_TOPIC_KINDS = {
-    "telemetry": "telemetry",
-    "hello": "hello",
-    "status": "status",
-    "command/ack": "command_ack",
-    "ota/status": "ota_status",
-}
+_TOPIC_KINDS = v2_kinds()
 _SELF = "_self"  # pseudo field: the envelope / measurement itself (JSON null, not an object)
 _ARROW_KIND = {_INT: pa.int64(), _STR: pa.string(), _NUM: pa.float64()}
 
@@ -337,9 +333,7 @@ def _prepare_parameters(parameters: pl.DataFrame | None) -> pl.DataFrame:
 
 
 def _classify_topics(topics: pl.Series) -> pl.DataFrame:
-    v2 = r"^iot/([^/]*)/(telemetry|hello|status|command/ack|ota/status)$"
-    scalar = r"^devices/([^/]*)/([^/]+)$"
-    param = r"^(?:tele|stat|cmnd)/([^/]*)/([^/]+)/([^/]+)/([^/]+)$"
+    v2, scalar, param = (routing_pattern(family) for family in ("v2", "scalar", "param"))
     topic = pl.col("topic")
     family = (
         pl.when(topic.str.contains(v2))

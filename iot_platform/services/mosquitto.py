@@ -17,6 +17,7 @@ from string import Template
 
 from iot_platform.pki import write_public
 from iot_platform.services.process import ChildProcess, ServiceError
+from iot_platform.topics import device_acl_rules
 
 INGEST_IDENTITY = "ingest"
 # Published next to crl.pem by revocation: identities the ACL denies outright. The CRL
@@ -43,7 +44,7 @@ def write_acl(path: Path, ingest_user: str, denied: list[str]) -> None:
 
 def render_acl(ingest_user: str, denied: list[str]) -> str:
     """The ACL text: the shared template plus one deny-all section per revoked identity."""
-    acl = _template("acl.tmpl").substitute(ingest_user=ingest_user)
+    acl = _template("acl.tmpl").substitute(ingest_user=ingest_user, device_rules=device_acl_rules())
     denied = [identity for identity in denied if identity != ingest_user]
     if denied:
         acl += "\n# Revoked identities (revoke_certificate): every topic denied, read and write.\n"
