@@ -20,8 +20,10 @@ if TYPE_CHECKING:
 
 
 def _cmd_up(settings: PlatformSettings, _args: argparse.Namespace) -> int:
+    from iot_platform.health import HealthSettings
     from iot_platform.stack import run_embedded
 
+    HealthSettings.from_env()  # a mistyped IOT_HEALTH_* is refused before anything starts
     return run_embedded(settings)
 
 

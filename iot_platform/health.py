@@ -136,9 +136,7 @@ class HealthSettings:
             pipeline_lag=dt.timedelta(
                 seconds=env_float("IOT_HEALTH_PIPELINE_LAG_S", 120, minimum=1)
             ),
-            retention=dt.timedelta(
-                days=env_float("IOT_HEALTH_RETENTION_DAYS", 30, minimum=1)
-            ),
+            retention=dt.timedelta(days=env_float("IOT_HEALTH_RETENTION_DAYS", 30, minimum=1)),
         )
 
 
@@ -160,33 +158,61 @@ class Rule:
     severity: str
     description: str
     query: Callable[[psycopg.Connection, HealthSettings, dt.datetime], list[tuple[str, dict]]]
+    # "device": findings are device ids, with a device_health row per device; "platform":
+    # one finding about the platform itself (subject PLATFORM), not blamed on any device.
+    scope: str = "device"
 
 
 def _rows(conn: psycopg.Connection, query: str, params: dict) -> list[tuple[str, dict]]:
     return [(row[0], row[1]) for row in conn.execute(query, params)]
 
 
+# Silence is judged against the newest receive time the warehouse holds, not the wall
+# clock: while loads lag, every device would otherwise look silent. The lag itself is the
+# pipeline_lag rule. Retained replays never move last_seen (warehouse.load).
+_NEWEST_RECEIVED = "SELECT least(max(last_seen), %(now)s) AS newest FROM devices"
+
+
 def _silent(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
     return _rows(
         conn,
-        """
+        f"""
+        WITH reference AS ({_NEWEST_RECEIVED})
         SELECT d.device_id, jsonb_build_object(
                    'last_seen', d.last_seen,
-                   'silent_for_s', round(extract(epoch FROM %(now)s - d.last_seen)::numeric, 1),
+                   'silent_for_s', round(extract(epoch FROM r.newest - d.last_seen)::numeric, 1),
                    'limit_s', 2 * greatest(d.send_interval_s, d.hello_interval_s),
-                   'last_status', st.status)
-        FROM devices d
+                   'judged_against', r.newest,
+                   'last_status', st.status,
+                   'last_status_received_at', st.received_at)
+        FROM devices d CROSS JOIN reference r
         LEFT JOIN LATERAL (
-            SELECT body ->> 'status' AS status FROM device_events e
+            -- by receive time: a last-will message carries the time the device connected
+            SELECT body ->> 'status' AS status, received_at FROM device_events e
             WHERE e.device_id = d.device_id AND e.msg_type = 'status'
-            ORDER BY e.ts DESC LIMIT 1) st ON true
+            ORDER BY e.received_at DESC, e.ts DESC LIMIT 1) st ON true
         WHERE d.last_seen IS NULL
-           OR d.last_seen < %(now)s
+           OR d.last_seen < r.newest
                 - make_interval(secs => 2 * greatest(d.send_interval_s, d.hello_interval_s))
            OR st.status = 'offline'
         ORDER BY 1
-        """,
+        """,  # noqa: S608 - constant SQL
         {"now": now},
+    )
+
+
+def _pipeline_lag(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+    return _rows(
+        conn,
+        f"""
+        SELECT %(platform)s, jsonb_build_object(
+                   'newest_received_at', newest,
+                   'lag_s', round(extract(epoch FROM %(now)s - newest)::numeric, 1),
+                   'limit_s', %(limit)s::float8)
+        FROM ({_NEWEST_RECEIVED}) r
+        WHERE newest < %(now)s - make_interval(secs => %(limit)s::float8)
+        """,  # noqa: S608 - constant SQL
+        {"now": now, "limit": s.pipeline_lag.total_seconds(), "platform": PLATFORM},
     )
 
 
@@ -213,30 +239,92 @@ def _sequence(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict
     )
 
 
+def _device_overrides(conn: psycopg.Connection) -> tuple[dict[str, Bounds], dict[str, str]]:
+    """Per-device bounds from ``devices.metadata.health_bounds`` (a JSON object, or JSON text
+    as ``--meta health_bounds=...`` stores it); and the devices whose override is invalid."""
+    overrides: dict[str, Bounds] = {}
+    invalid: dict[str, str] = {}
+    for device_id, value in conn.execute(
+        "SELECT device_id, metadata -> %s FROM devices WHERE metadata ? %s",
+        [BOUNDS_METADATA_KEY, BOUNDS_METADATA_KEY],
+    ):
+        where = f"devices.metadata.{BOUNDS_METADATA_KEY}"
+        try:
+            data = json.loads(value) if isinstance(value, str) else value
+        except ValueError as exc:
+            invalid[device_id] = f"{where} is not valid JSON: {exc}"
+            continue
+        try:
+            overrides[device_id] = parse_metric_bounds(data, where)
+        except SettingsError as exc:
+            invalid[device_id] = str(exc)
+    return overrides, invalid
+
+
+def _bound_rows(subjects: dict[str | None, Bounds]) -> dict[str, list]:
+    rows = [(k, m, lo, hi) for k, bounds in subjects.items() for m, (lo, hi) in bounds.items()]
+    return {
+        "key": [r[0] for r in rows],
+        "metric": [r[1] for r in rows],
+        "low": [r[2] for r in rows],
+        "high": [r[3] for r in rows],
+    }
+
+
 def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
-    metrics = list(s.bounds)
-    return _rows(
-        conn,
-        """
-        WITH bounds AS (
-            SELECT * FROM unnest(%(metrics)s::text[], %(low)s::float8[], %(high)s::float8[])
-                AS b(metric, low, high))
-        SELECT t.device_id, jsonb_object_agg(t.metric, jsonb_build_object(
-                   'rows', t.n, 'min', t.lo, 'max', t.hi, 'allowed', jsonb_build_array(low, high)))
-        FROM (SELECT device_id, metric, count(*) AS n, min(value) AS lo, max(value) AS hi
-              FROM telemetry JOIN bounds USING (metric)
-              WHERE ts >= %(since)s AND (value < low OR value > high)
-              GROUP BY device_id, metric) t
-        JOIN bounds USING (metric)
-        GROUP BY t.device_id ORDER BY 1
-        """,
-        {
-            "since": now - s.window,
-            "metrics": metrics,
-            "low": [s.bounds[m][0] for m in metrics],
-            "high": [s.bounds[m][1] for m in metrics],
-        },
+    """Per device: its own bounds (metadata), else its type's, else the generic ones.
+
+    A device whose metadata override is invalid is reported with the reason (and judged by
+    its type's bounds): an operator mistake is a finding, never a failed evaluation."""
+    overrides, invalid = _device_overrides(conn)
+    by_type = _bound_rows({None: s.bounds.generic, **s.bounds.by_type})
+    own = _bound_rows(dict(overrides))
+    found = dict(
+        _rows(
+            conn,
+            """
+            WITH type_bounds AS (
+                SELECT * FROM unnest(%(t_key)s::text[], %(t_metric)s::text[],
+                                     %(t_low)s::float8[], %(t_high)s::float8[])
+                    AS b(device_type, metric, low, high)),
+            own_bounds AS (
+                SELECT * FROM unnest(%(o_key)s::text[], %(o_metric)s::text[],
+                                     %(o_low)s::float8[], %(o_high)s::float8[])
+                    AS b(device_id, metric, low, high)),
+            extremes AS (  -- cheap first pass: only (device, metric) pairs that can fail
+                SELECT device_id::text AS device_id, metric::text AS metric,
+                       min(value) AS lo, max(value) AS hi
+                FROM telemetry WHERE ts >= %(since)s GROUP BY 1, 2),
+            judged AS (
+                SELECT x.*, coalesce(o.low, t.low, g.low) AS low,
+                       coalesce(o.high, t.high, g.high) AS high,
+                       CASE WHEN o.metric IS NOT NULL THEN 'device metadata'
+                            WHEN t.metric IS NOT NULL THEN 'device type ' || d.device_type
+                            ELSE 'generic' END AS bounds_from
+                FROM extremes x
+                JOIN devices d ON d.device_id = x.device_id
+                LEFT JOIN own_bounds o ON o.device_id = x.device_id AND o.metric = x.metric
+                LEFT JOIN type_bounds t ON t.device_type = d.device_type AND t.metric = x.metric
+                LEFT JOIN type_bounds g ON g.device_type IS NULL AND g.metric = x.metric),
+            failing AS (SELECT * FROM judged WHERE lo < low OR hi > high)
+            SELECT f.device_id, jsonb_object_agg(f.metric, jsonb_build_object(
+                       'rows', n.rows, 'min', f.lo, 'max', f.hi,
+                       'allowed', jsonb_build_array(f.low, f.high), 'bounds_from', f.bounds_from))
+            FROM failing f
+            CROSS JOIN LATERAL (
+                SELECT count(*) AS rows FROM telemetry t
+                WHERE t.device_id = f.device_id AND t.metric = f.metric AND t.ts >= %(since)s
+                  AND (t.value < f.low OR t.value > f.high)) n
+            GROUP BY f.device_id ORDER BY 1
+            """,
+            {"since": now - s.window}
+            | {f"t_{k}": v for k, v in by_type.items()}
+            | {f"o_{k}": v for k, v in own.items()},
+        )
     )
+    for device_id, reason in invalid.items():
+        found.setdefault(device_id, {})["invalid_bounds_override"] = reason
+    return sorted(found.items())
 
 
 def _clock_skew(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
@@ -306,7 +394,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "silent_devices",
         "warn",
-        "No data for 2 x max(send_interval, hello_interval), or the LWT said offline.",
+        "Nothing received from the device for 2 x max(send_interval, hello_interval) before "
+        "the newest receive time loaded (not the wall clock), or its latest status by receive "
+        "time is offline.",
         _silent,
     ),
     Rule(
@@ -318,7 +408,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         "values_out_of_range",
         "error",
-        "Telemetry values outside the metric's physical bounds (IOT_HEALTH_BOUNDS).",
+        "Telemetry values in the window outside the device's bounds: its own "
+        "(devices.metadata.health_bounds), else its device type's, else the metric's "
+        "(IOT_HEALTH_BOUNDS overrides the defaults).",
         _out_of_range,
     ),
     Rule(
@@ -339,15 +431,28 @@ RULES: tuple[Rule, ...] = (
         "The device's newest valid certificate expires within IOT_HEALTH_CERT_EXPIRY_DAYS.",
         expiring_certificates,
     ),
+    Rule(
+        "pipeline_lag",
+        "warn",
+        "The newest receive time loaded into the warehouse is older than "
+        "IOT_HEALTH_PIPELINE_LAG_S by the wall clock: ingest or the load runs lag (or the "
+        "whole fleet stopped). Reported once, for the platform, not per device.",
+        _pipeline_lag,
+        scope="platform",
+    ),
 )
 
 
 def evaluate(
     conn: psycopg.Connection, rule: Rule, settings: HealthSettings, now: dt.datetime | None = None
 ) -> RuleResult:
-    """Run one rule and record its outcome for every registered device."""
+    """Run one rule; for a device rule, record its outcome for every registered device, and
+    drop ``device_health`` history older than the retention (a bounded batch per call, so a
+    large backlog is removed over a few evaluations, never in one long transaction)."""
     now = now or dt.datetime.now(dt.UTC)
     failing = dict(rule.query(conn, settings, now))
+    if rule.scope == "platform":
+        return RuleResult(rule.name, rule.severity, failing, 1)
     devices = [row[0] for row in conn.execute("SELECT device_id FROM devices")]
     statuses = [rule.severity if d in failing else "ok" for d in devices]
     details = [Jsonb(failing.get(d, {})) for d in devices]
@@ -358,4 +463,14 @@ def evaluate(
                FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS u(d, s, x)""",
             [now, rule.name, devices, statuses, details],
         )
+        prune_history(conn, now - settings.retention)
     return RuleResult(rule.name, rule.severity, failing, len(devices))
+
+
+def prune_history(conn: psycopg.Connection, before: dt.datetime) -> int:
+    """Delete at most HISTORY_PRUNE_BATCH ``device_health`` rows checked before ``before``."""
+    return conn.execute(
+        """DELETE FROM device_health WHERE ctid = ANY(ARRAY(
+               SELECT ctid FROM device_health WHERE checked_at < %s LIMIT %s))""",
+        [before, HISTORY_PRUNE_BATCH],
+    ).rowcount

@@ -37,10 +37,10 @@ METER_METRICS = {
         "current_dc": (5, 40, "A"),
         "power_dc": (3500, 32000, "W"),
     },
-    "meter-ac": {
-        "voltage_ac": (225, 235, "V"),
-        "current_ac": (1, 30, "A"),
-        "power_ac": (200, 7000, "W"),
+    "meter-ac": {  # a 25 kV 50 Hz rail meter, as the v2 protocol's AC meters are
+        "voltage_ac": (24_500, 25_500, "V"),
+        "current_ac": (20, 400, "A"),
+        "power_ac": (500_000, 10_000_000, "W"),
         "frequency": (49.9, 50.1, "Hz"),
     },
 }

@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import dagster as dg
+import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
+from iot_platform import health
 from iot_platform.defs.checks import device_health_checks
 from iot_platform.defs.resources import ObjectStoreResource
-from iot_platform.health import RULES, HealthSettings, evaluate
+from iot_platform.health import PLATFORM, RULES, HealthSettings, evaluate
+from iot_platform.objectstore import LocalDirectoryStore
+from iot_platform.rawbatch import read_batch
+from iot_platform.settings import SettingsError
 from iot_platform.warehouse.load import known_devices, load_object, load_parameters
+from tests.fixtures.ingest import ingest_env, local_store_env, wait_for_rows
 from tests.integration.test_pipeline import _warehouse
+from tests.mqtt_helpers import device_session
 from tests.warehouse_data import envelope, put_batch, telemetry_messages
 
 pytestmark = pytest.mark.integration
+
+RULE = {rule.name: rule for rule in RULES}
+DEVICE_RULES = [rule for rule in RULES if rule.scope == "device"]
 
 GOOD = ["dev-good", "dev-gap", "dev-dup", "dev-range", "dev-skew", "dev-reject"]
 EXPECTED = {
@@ -24,6 +41,7 @@ EXPECTED = {
     "clock_skew": {"dev-skew"},
     "decode_reject_rate": {"dev-reject"},
     "certificate_expiring": {"dev-gap"},  # its only certificate ends in 10 days
+    "pipeline_lag": set(),  # everything was received just now
 }
 
 
@@ -104,8 +122,8 @@ def test_each_rule_flags_exactly_the_faulty_devices(fleet):
     assert gap["dev-gap"]["missing_seq"] == 3 and gap["dev-dup"]["duplicates"] == 5
     assert results["values_out_of_range"].failing["dev-range"]["voltage_dc"]["max"] == 5000.0
     assert results["decode_reject_rate"].failing["dev-reject"]["reasons"] == {"malformed_json": 5}
-    # one history row per registered device and rule
-    assert sum(n for _, _, n in history) == len(RULES) * 8
+    # one history row per registered device and device rule (pipeline_lag is the platform's)
+    assert sum(n for _, _, n in history) == len(DEVICE_RULES) * 8
 
 
 def test_checks_through_dagster_report_failing_ids_and_severity(fleet, tmp_path):
@@ -121,7 +139,355 @@ def test_checks_through_dagster_report_failing_ids_and_severity(fleet, tmp_path)
     assert set(evaluations) == set(EXPECTED)
     for name, expected in EXPECTED.items():
         ev = evaluations[name]
-        assert not ev.passed
+        assert ev.passed == (not expected)
         assert set(ev.metadata["failing_device_ids"].value) == expected
     assert evaluations["values_out_of_range"].severity == dg.AssetCheckSeverity.ERROR
     assert evaluations["clock_skew"].severity == dg.AssetCheckSeverity.WARN
+
+
+# ---- bounds by device type (issue 12, items 1 and 2) -----------------------------------
+
+# device id -> (device type, metadata, metric, value)
+BOUNDED = {
+    "ac-25kv": ("meter-ac", {}, "voltage_ac", 25_000.0),  # a 25 kV rail meter: fine
+    "ac-230v": ("meter-ac", {}, "voltage_ac", 230.0),  # below the type's 24 kV
+    "dc-3kv": ("meter-dc", {}, "voltage_dc", 3_000.0),  # DC traction: fine
+    "dc-5kv": ("meter-dc", {}, "voltage_dc", 5_000.0),  # above the type's 4 kV
+    "gen-25kv": ("generic", {}, "voltage_ac", 25_000.0),  # inside the protocol's envelope
+    # own bounds: as `--meta health_bounds=...` stores them (JSON text), or a JSON object
+    "dc-own": ("meter-dc", {"health_bounds": '{"voltage_dc": [0, 900]}'}, "voltage_dc", 1_000.0),
+    "dc-own-obj": ("meter-dc", {"health_bounds": {"voltage_dc": [0, 5000]}}, "voltage_dc", 4_500.0),
+    "dc-bad": ("meter-dc", {"health_bounds": "[0, 900"}, "voltage_dc", 700.0),
+}
+
+
+@pytest.fixture
+def bounded_fleet(postgres_db, tmp_path):
+    warehouse = _warehouse(postgres_db)
+    store = LocalDirectoryStore(tmp_path / "o")
+    now = dt.datetime.now(dt.UTC)
+    with warehouse.connect() as conn:
+        for device_id, (device_type, metadata, _, _) in BOUNDED.items():
+            conn.execute(
+                "INSERT INTO devices (device_id, device_type, metadata) VALUES (%s, %s, %s)",
+                [device_id, device_type, Jsonb(metadata)],
+            )
+        conn.commit()
+        messages = [
+            (now, f"iot/{d}/telemetry", envelope(d, 1, now, {metric: value}))
+            for d, (_, _, metric, value) in BOUNDED.items()
+        ]
+        _load(conn, store, messages)
+    return warehouse
+
+
+def _load(conn: psycopg.Connection, store, messages: list, seq: int = 1) -> None:
+    load_object(
+        conn,
+        store,
+        put_batch(store, messages, seq=seq),
+        run_id="r",
+        parameters=load_parameters(conn),
+        devices=known_devices(conn),
+        max_payload_bytes=262144,
+    )
+
+
+def test_bounds_belong_to_device_types_and_devices_and_never_stop_a_run(bounded_fleet, tmp_path):
+    with bounded_fleet.connect() as conn:
+        result = evaluate(conn, RULE["values_out_of_range"], HealthSettings.from_env())
+        history = dict(
+            conn.execute(
+                "SELECT device_id, status FROM device_health"
+                " WHERE check_name = 'values_out_of_range'"
+            ).fetchall()
+        )
+    failing = result.failing
+    assert set(failing) == {"ac-230v", "dc-5kv", "dc-own", "dc-bad"}
+    assert failing["ac-230v"]["voltage_ac"]["allowed"] == [24_000.0, 26_000.0]
+    assert failing["ac-230v"]["voltage_ac"]["bounds_from"] == "device type meter-ac"
+    assert failing["dc-5kv"]["voltage_dc"]["allowed"] == [0.0, 4_000.0]
+    assert failing["dc-own"]["voltage_dc"] == {
+        "rows": 1,
+        "min": 1000.0,
+        "max": 1000.0,
+        "allowed": [0.0, 900.0],
+        "bounds_from": "device metadata",
+    }
+    # an invalid override is itself the finding; the device is judged by its type's bounds
+    assert list(failing["dc-bad"]) == ["invalid_bounds_override"]
+    assert "health_bounds" in failing["dc-bad"]["invalid_bounds_override"]
+    assert history == {d: "error" if d in failing else "ok" for d in BOUNDED}
+
+    # Through Dagster: the findings fail their (ERROR) check, the run itself succeeds.
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        defs = dg.Definitions(
+            asset_checks=[device_health_checks], resources={"warehouse": bounded_fleet}
+        )
+        job = dg.define_asset_job("health", selection=dg.AssetSelection.all_asset_checks())
+        run = (
+            dg.Definitions.merge(defs, dg.Definitions(jobs=[job]))
+            .resolve_job_def("health")
+            .execute_in_process(instance=instance)
+        )
+    assert run.success
+    checks = {e.check_name: e for e in run.get_asset_check_evaluations()}
+    assert set(checks["values_out_of_range"].metadata["failing_device_ids"].value) == set(failing)
+
+
+@pytest.mark.parametrize(
+    ("bounds", "flagged"),
+    [
+        # ints for a metric every device type uses: the partial set crashed with psycopg's
+        # "cannot dump lists of mixed types" against the float defaults
+        ('{"voltage_ac": [0, 30000]}', {"dc-5kv", "dc-own", "dc-bad"}),
+        ('{"voltage_dc": [0.0, 5500.5]}', {"ac-230v", "dc-own", "dc-bad"}),
+        # one device type only, ints and floats mixed; the other metrics keep their defaults
+        (
+            '{"meter-ac": {"voltage_ac": [200, 26000.0]}, "humidity": [5, 95.5]}',
+            {"dc-5kv", "dc-own", "dc-bad"},
+        ),
+    ],
+)
+def test_iot_health_bounds_merge_with_the_defaults(bounded_fleet, monkeypatch, bounds, flagged):
+    monkeypatch.setenv("IOT_HEALTH_BOUNDS", bounds)
+    settings = HealthSettings.from_env()
+    assert settings.bounds.generic["frequency"] == (45.0, 65.0)  # untouched default
+    with bounded_fleet.connect() as conn:
+        result = evaluate(conn, RULE["values_out_of_range"], settings)
+    assert set(result.failing) == flagged
+
+
+@pytest.mark.parametrize(
+    ("bounds", "message"),
+    [
+        ("not json", "is not valid JSON"),
+        ("[0, 30000]", "must be a JSON object"),
+        ('{"voltage_ac": [30000, 0]}', "min 30000 is above max 0"),
+        ('{"voltage_ac": [0]}', "'voltage_ac' must be [min, max]"),
+        ('{"voltage_ac": ["0", 1]}', "'voltage_ac' must be [min, max]"),
+        ('{"voltage_ac": [0, true]}', "'voltage_ac' must be [min, max]"),
+        ('{"voltage_ac": [0, NaN]}', "'voltage_ac' must be [min, max]"),
+        ('{"meter-ac": {"voltage_ac": 5}}', "device type 'meter-ac': 'voltage_ac' must be"),
+    ],
+)
+def test_invalid_iot_health_bounds_are_named(monkeypatch, bounds, message):
+    monkeypatch.setenv("IOT_HEALTH_BOUNDS", bounds)
+    with pytest.raises(SettingsError, match="IOT_HEALTH_BOUNDS") as raised:
+        HealthSettings.from_env()
+    assert message in str(raised.value)
+
+
+def test_up_refuses_invalid_health_settings_before_starting_anything(stack_env):
+    env = {**stack_env, "IOT_HEALTH_BOUNDS": '{"voltage_ac": [0, 30000'}
+    result = subprocess.run(
+        [sys.executable, "-m", "iot_platform.cli", "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "iot-platform: error: IOT_HEALTH_BOUNDS is not valid JSON" in result.stderr
+    assert not Path(env["IOT_HOME"]).exists()  # nothing was started or created
+
+
+# ---- presence and silence (items 3 and 5) ----------------------------------------------
+
+
+def _status(device_id: str, ts: dt.datetime, status: str, seq: int) -> bytes:
+    return json.dumps(
+        {"v": 2, "device_id": device_id, "ts": ts.isoformat(), "seq": seq}
+        | {"msg_type": "status", "status": status}
+    ).encode()
+
+
+def test_presence_is_ordered_by_receive_time(postgres_db, tmp_path):
+    """A last will carries the time the device connected: older than its online message."""
+    warehouse = _warehouse(postgres_db)
+    store = LocalDirectoryStore(tmp_path / "o")
+    now = dt.datetime.now(dt.UTC)
+    connected = now - dt.timedelta(seconds=40)
+    reconnected = now - dt.timedelta(seconds=5)
+    messages = [
+        # gone: online on connect, its last will (stamped at connect) 20 s later
+        (connected, "iot/gone/status", _status("gone", connected, "online", 1)),
+        (
+            now - dt.timedelta(seconds=20),
+            "iot/gone/status",
+            _status("gone", connected, "offline", 1),
+        ),
+        # back: the same, then it reconnected
+        (connected, "iot/back/status", _status("back", connected, "online", 1)),
+        (
+            now - dt.timedelta(seconds=20),
+            "iot/back/status",
+            _status("back", connected, "offline", 1),
+        ),
+        (reconnected, "iot/back/status", _status("back", reconnected, "online", 2)),
+    ]
+    with warehouse.connect() as conn:
+        conn.execute("INSERT INTO devices (device_id) VALUES ('gone'), ('back')")
+        conn.commit()
+        _load(conn, store, messages)
+        result = evaluate(conn, RULE["silent_devices"], HealthSettings.from_env(), now)
+    assert set(result.failing) == {"gone"}
+    assert result.failing["gone"]["last_status"] == "offline"
+
+
+def test_silence_is_judged_against_what_was_received_and_lag_is_its_own_finding(
+    postgres_db, tmp_path
+):
+    """Loads lag 10 minutes behind the wall clock: the devices that kept publishing until
+    the newest loaded message are not silent; the lag is reported once, for the platform."""
+    warehouse = _warehouse(postgres_db)
+    store = LocalDirectoryStore(tmp_path / "o")
+    now = dt.datetime.now(dt.UTC)
+    newest = now - dt.timedelta(minutes=10)
+    busy = ["lag-a", "lag-b", "lag-c"]
+    messages = telemetry_messages(busy, newest - dt.timedelta(minutes=2), 12)
+    messages += telemetry_messages(["lag-quiet"], newest - dt.timedelta(minutes=8), 3)
+    with warehouse.connect() as conn:
+        conn.execute(
+            "INSERT INTO devices (device_id) SELECT unnest(%s::text[])", [[*busy, "lag-quiet"]]
+        )
+        conn.commit()
+        _load(conn, store, messages)
+        settings = HealthSettings.from_env()
+        silent = evaluate(conn, RULE["silent_devices"], settings, now)
+        lag = evaluate(conn, RULE["pipeline_lag"], settings, now)
+        rows = conn.execute(
+            "SELECT count(*) FROM device_health WHERE check_name = 'pipeline_lag'"
+        ).fetchone()[0]
+    assert set(silent.failing) == {"lag-quiet"}
+    assert silent.failing["lag-quiet"]["silent_for_s"] > 300
+    assert set(lag.failing) == {PLATFORM}
+    assert 590 < lag.failing[PLATFORM]["lag_s"] < 700
+    assert lag.failing[PLATFORM]["limit_s"] == 120
+    assert rows == 0  # not a device's finding: no device_health rows
+
+    # The loads catch up: no lag; the quiet device is still the only silent one.
+    with warehouse.connect() as conn:
+        _load(conn, store, telemetry_messages(busy, now - dt.timedelta(seconds=30), 3), seq=2)
+        assert not evaluate(conn, RULE["pipeline_lag"], settings, now).failing
+        assert set(evaluate(conn, RULE["silent_devices"], settings, now).failing) == {"lag-quiet"}
+
+
+# ---- device_health retention -----------------------------------------------------------
+
+
+def test_health_history_is_pruned_in_bounded_batches(postgres_db, monkeypatch):
+    monkeypatch.setenv("IOT_HEALTH_RETENTION_DAYS", "7")
+    monkeypatch.setattr(health, "HISTORY_PRUNE_BATCH", 3)
+    warehouse = _warehouse(postgres_db)
+    now = dt.datetime.now(dt.UTC)
+    settings = HealthSettings.from_env()
+    assert settings.retention == dt.timedelta(days=7)
+    with warehouse.connect() as conn:
+        conn.execute("INSERT INTO devices (device_id) VALUES ('kept')")
+        conn.execute(
+            """INSERT INTO device_health (checked_at, device_id, check_name, status)
+               SELECT %s - make_interval(days => d), 'kept', 'clock_skew', 'ok'
+               FROM unnest(ARRAY[8, 8, 9, 9, 30, 6, 1]) AS d""",
+            [now],
+        )
+        conn.commit()
+
+        def ages() -> list[int]:
+            return [
+                r[0]
+                for r in conn.execute(
+                    "SELECT round(extract(epoch FROM %s - checked_at) / 86400)::int"
+                    " FROM device_health ORDER BY 1",
+                    [now],
+                )
+            ]
+
+        evaluate(conn, RULE["clock_skew"], settings, now)
+        assert len(ages()) == 7 + 1 - 3  # one batch of 3 of the 5 expired rows
+        evaluate(conn, RULE["clock_skew"], settings, now)
+        assert ages() == [0, 0, 1, 6]  # the two evaluations' rows and the unexpired ones
+
+
+# ---- retained replays (item 4) ---------------------------------------------------------
+
+
+def test_retained_replay_after_ingest_restart_is_not_activity(
+    mosquitto, ingest_factory, postgres_db, tmp_path
+):
+    """The broker re-sends a retained last will to the restarted daemon's new subscription
+    (raw retain flag set): stored as before, but devices.last_seen must not jump."""
+    device_id = f"ret-{secrets.token_hex(4)}"
+    mosquitto.ca.issue_device_certificate(device_id)
+    store = LocalDirectoryStore(tmp_path / "objects")
+    env = ingest_env(
+        mosquitto,
+        tmp_path / "spool",
+        INGEST_INSTANCE_ID=f"retain-{device_id}",
+        **local_store_env(tmp_path / "objects"),
+    )
+    daemon = ingest_factory(env).start()
+    device = device_session(mosquitto, device_id)
+    assert device.connected.is_set(), device.reason
+    sent_at = dt.datetime.now(dt.UTC)
+    topic = f"iot/{device_id}/status"
+    device.client.publish(
+        topic, _status(device_id, sent_at, "offline", 1), qos=1, retain=True
+    ).wait_for_publish(5)
+    wait_for_rows(store, 1)
+    assert daemon.terminate() == 0
+    time.sleep(1.5)
+    daemon.start()  # same identity and session: subscribes again, gets the retained will
+    try:
+        deadline = time.monotonic() + 30
+        while not any(t == topic and r for t, r in zip(*_topic_retain(store), strict=True)):
+            assert time.monotonic() < deadline, "retained message not replayed"
+            time.sleep(0.25)
+    finally:
+        device.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)  # clear it
+        device.close()
+        assert daemon.terminate() == 0
+
+    warehouse = _warehouse(postgres_db)
+    with warehouse.connect() as conn:
+        conn.execute("INSERT INTO devices (device_id) VALUES (%s)", [device_id])
+        conn.commit()
+        for info in sorted(store.list("raw/v1/"), key=lambda i: i.key):
+            load_object(
+                conn,
+                store,
+                info,
+                run_id="r",
+                parameters=load_parameters(conn),
+                devices=known_devices(conn),
+                max_payload_bytes=262144,
+            )
+        last_seen = conn.execute(
+            "SELECT last_seen FROM devices WHERE device_id = %s", [device_id]
+        ).fetchone()[0]
+        stored = conn.execute(
+            "SELECT count(*) FROM device_events WHERE device_id = %s", [device_id]
+        ).fetchone()[0]
+    received = _received(store, topic)
+    assert len(received) == 2 and received[0][1] is False and received[1][1] is True
+    assert last_seen == received[0][0]  # the live message, not the replay 1.5 s later
+    assert stored == 1  # the replay is the same event: stored once
+
+
+def _topic_retain(store: LocalDirectoryStore) -> tuple[list[str], list[bool]]:
+    rows = [read_batch(store.get(i.key)).table for i in store.list("raw/v1/")]
+    topics = [t for table in rows for t in table.column("topic").to_pylist()]
+    retain = [r for table in rows for r in table.column("retain").to_pylist()]
+    return topics, retain
+
+
+def _received(store: LocalDirectoryStore, topic: str) -> list[tuple[dt.datetime, bool]]:
+    """(received_at, retain) of the non-empty messages on ``topic``, in receive order."""
+    out = []
+    for info in store.list("raw/v1/"):
+        table = read_batch(store.get(info.key)).table.to_pylist()
+        out += [
+            (r["received_at"], r["retain"]) for r in table if r["topic"] == topic and r["payload"]
+        ]
+    return sorted(out)
