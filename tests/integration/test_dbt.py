@@ -101,8 +101,14 @@ def _messages() -> list[tuple[dt.datetime, str, bytes]]:
     messages += telemetry_messages(
         ["dbt-b"], DAY1 + dt.timedelta(hours=22, minutes=5), 30, seed=2, every_s=60
     )
-    for at, status in ((DAY1 + dt.timedelta(hours=20), "online"), (HEALTH_AT, "offline")):
-        messages.append((at, "iot/dbt-a/status", _status("dbt-a", 1000, at, status)))
+    # dbt-a's last will was registered as it connected, so its ts is before the online
+    # message's; it is received at HEALTH_AT: presence is ordered by receive time
+    connected = DAY1 + dt.timedelta(hours=20)
+    for at, ts, status in (
+        (connected, connected, "online"),
+        (HEALTH_AT, connected - dt.timedelta(seconds=1), "offline"),
+    ):
+        messages.append((at, "iot/dbt-a/status", _status("dbt-a", 1000, ts, status)))
     bad_at = DAY1 + dt.timedelta(hours=22, minutes=10)
     messages += [(bad_at, "iot/dbt-b/telemetry", b"{not json") for _ in range(3)]
     messages.append((bad_at, "iot/stranger/telemetry", b"{also not json"))
@@ -306,7 +312,7 @@ def test_marts_equal_direct_sql_and_every_dbt_test_passes(dbt_module, warehouse,
     by_key = {(r[0].isoformat(), r[1]): r for r in got}
     assert by_key[("2026-03-01", "dbt-b")][3] == 3
     assert by_key[("2026-03-01", "stranger")][2:4] == (False, 1)
-    assert by_key[("2026-03-02", "dbt-c")][5] == len(RULES)
+    assert by_key[("2026-03-02", "dbt-c")][5] == len([r for r in RULES if r.scope == "device"])
     silent = conn.execute(
         """SELECT worst_health_status, failed_checks FROM analytics.data_quality_summary
            WHERE device_id = 'dbt-c' AND day = '2026-03-02'"""

@@ -1,4 +1,6 @@
 -- Latest value of every metric per device, with the device's last status event.
+-- The last status is the one received last (received_at), not the one with the newest
+-- device ts: a last-will message carries the time the device connected.
 -- The daily rollup finds each (device, metric)'s latest day cheaply; the exact latest
 -- row is then one index lookup in telemetry (unique index on device_id, metric, ts).
 -- If telemetry rows were already dropped (retention) the rollup's last value is used
@@ -31,10 +33,10 @@ latest as (
 
 last_status as (
     select distinct on (device_id)
-        device_id, ts as status_at, body ->> 'status' as status
+        device_id, received_at as status_at, body ->> 'status' as status
     from {{ source('warehouse', 'device_events') }}
     where msg_type = 'status'
-    order by device_id, ts desc
+    order by device_id, received_at desc, ts desc
 )
 
 select
