@@ -45,7 +45,6 @@ class IngestSettings:
     max_rows: int
     max_bytes: int
     max_age_s: float
-    max_payload_bytes: int
     spool_dir: Path
     spool_max_bytes: int
     metrics_host: str
@@ -84,13 +83,17 @@ class IngestSettings:
             max_rows=env_int("INGEST_MAX_ROWS", 20_000, minimum=1),
             max_bytes=env_int("INGEST_MAX_BYTES", 32 * 1024 * 1024, minimum=1024),
             max_age_s=env_float("INGEST_MAX_AGE_S", 5.0, minimum=0.05),
-            max_payload_bytes=env_int("INGEST_MAX_PAYLOAD_BYTES", 256 * 1024, minimum=1),
             spool_dir=Path(env_str("INGEST_SPOOL_DIR", str(platform.home / "spool" / instance))),
             spool_max_bytes=env_int("INGEST_SPOOL_MAX_BYTES", 1024**3, minimum=0),
             metrics_host=env_str("INGEST_METRICS_HOST", "127.0.0.1"),
             metrics_port=env_int("INGEST_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=0),
             shutdown_timeout_s=env_float("INGEST_SHUTDOWN_TIMEOUT_S", 30.0, minimum=1),
         )
+        if env_str("INGEST_MAX_PAYLOAD_BYTES", ""):
+            raise SettingsError(
+                "INGEST_MAX_PAYLOAD_BYTES is gone: the daemon keeps every payload the broker "
+                "accepts; set the one limit with IOT_MQTT_MAX_PAYLOAD_BYTES"
+            )
         settings.check_files()
         if settings.max_rows > settings.receive_maximum:
             raise SettingsError(

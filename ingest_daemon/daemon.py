@@ -84,9 +84,9 @@ class _PublishReader:
     (py-spy, ``bench/ingest.py --profile``). This reader takes whatever the socket has
     (up to ``_READ_BUDGET`` bytes), frames the packets itself and hands each run of
     QoS 0/1 PUBLISH packets to ``sink`` as columns, in one call. Everything else —
-    CONNACK, SUBACK, PINGRESP, DISCONNECT, QoS 2, an empty (aliased) or non-UTF-8 topic,
-    an oversize payload — goes to paho's own handler in arrival order, so the callbacks
-    see what they always saw. Acknowledgements go out as one write per batch
+    CONNACK, SUBACK, PINGRESP, DISCONNECT, QoS 2, an empty (aliased) or non-UTF-8 topic —
+    goes to paho's own handler in arrival order, so the callbacks see what they always
+    saw. Acknowledgements go out as one write per batch
     (``send_pubacks``) instead of one TLS record per message.
 
     It uses paho 2.x internals (``_packet_read``, ``_in_packet``, ``_packet_handle``,
@@ -105,23 +105,20 @@ class _PublishReader:
         "_protocol",
     )
 
-    def __init__(self, client: mqtt.Client, sink: PublishSink, max_payload_bytes: int) -> None:
+    def __init__(self, client: mqtt.Client, sink: PublishSink) -> None:
         self._client = client
         self._sink = sink
-        self._max_payload = max_payload_bytes
         self._v5 = client._protocol == mqtt.MQTTv5
         self._sock: object = None
         self._partial = b""
         self._topics: dict[bytes, str] = {}
 
     @classmethod
-    def install(
-        cls, client: mqtt.Client, sink: PublishSink, max_payload_bytes: int
-    ) -> _PublishReader | None:
+    def install(cls, client: mqtt.Client, sink: PublishSink) -> _PublishReader | None:
         if not all(hasattr(client, name) for name in cls._INTERNALS):
             log.warning("paho-mqtt internals changed: using its slower per-message read path")
             return None
-        reader = cls(client, sink, max_payload_bytes)
+        reader = cls(client, sink)
         client._packet_read = reader.packet_read  # type: ignore[method-assign]
         return reader
 
@@ -179,7 +176,6 @@ class _PublishReader:
         mids: list[int] = []
         cache = self._topics
         v5 = self._v5
-        max_payload = self._max_payload
         while end - pos >= 2:
             header = data[pos]
             length = data[pos + 1]
@@ -209,7 +205,7 @@ class _PublishReader:
                         body = stop + 1  # malformed, or >127 bytes of them: paho decides
                     else:
                         body += 1 + data[body]
-                if topic_end > start + 2 and body <= stop and stop - body <= max_payload:
+                if topic_end > start + 2 and body <= stop:
                     name = data[start + 2 : topic_end]
                     topic = cache.get(name)
                     if topic is None:
@@ -289,9 +285,7 @@ class IngestDaemon:
         self._threads: list[threading.Thread] = []
         self._http = None
         self.client = self._make_client()
-        self._reader = _PublishReader.install(
-            self.client, self._on_publishes, settings.max_payload_bytes
-        )
+        self._reader = _PublishReader.install(self.client, self._on_publishes)
         self._update_spool_gauges()
 
     # ---- MQTT ---------------------------------------------------------------
@@ -352,24 +346,13 @@ class IngestDaemon:
         # Hot path: no decoding, no metrics locks per message — counted per batch.
         if self._stopping.is_set():
             return  # not buffered, not acked: the persistent session redelivers it
-        payload = message.payload
+        # Every payload the broker delivered is kept: the broker enforces the one size
+        # limit (IOT_MQTT_MAX_PAYLOAD_BYTES); the decoder rejects what it will not parse.
         qos = message.qos
-        if len(payload) > self.settings.max_payload_bytes:
-            self.metrics.oversize.inc()
-            self._ratelog.warning(
-                "oversize",
-                "dropped %d-byte payload on %s (max %d)",
-                len(payload),
-                message.topic,
-                self.settings.max_payload_bytes,
-            )
-            if qos:
-                client.ack(message.mid, qos)
-            return
         full = self.buffer.append(
             time.time_ns() // 1000,
             message.topic,
-            payload,
+            message.payload,
             qos,
             bool(message.retain),
             message.mid if qos else 0,
@@ -388,8 +371,7 @@ class IngestDaemon:
     ) -> None:
         """A run of QoS 0/1 publishes from one socket read (``_PublishReader``), in order.
 
-        They share one receive timestamp: they arrived in the same read. Payloads over
-        the limit never get here (they take the ``_on_message`` path).
+        They share one receive timestamp: they arrived in the same read.
         """
         if self._stopping.is_set():
             return  # not buffered, not acked: the persistent session redelivers them

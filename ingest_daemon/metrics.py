@@ -55,9 +55,6 @@ class IngestMetrics:
             registry=r,
         )
         self.connected = Gauge("ingest_connected", "1 while connected to the broker", registry=r)
-        self.oversize = Counter(
-            "ingest_oversize_dropped", "payloads over INGEST_MAX_PAYLOAD_BYTES dropped", registry=r
-        )
         self.unexpected_topic = Counter(
             "ingest_unexpected_topic_dropped", "messages on topics outside the filters", registry=r
         )

@@ -93,6 +93,7 @@ def broker_config(settings: PlatformSettings) -> BrokerConfig:
         bind_address=settings.broker_host,
         max_inflight=settings.broker_max_inflight,
         max_queued=settings.broker_max_queued,
+        message_size_limit=settings.mqtt_max_payload_bytes,
     )
 
 

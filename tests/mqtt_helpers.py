@@ -23,6 +23,8 @@ class Session:
     messages: list[mqtt.MQTTMessage] = field(default_factory=list)
     suback_codes: list[int] = field(default_factory=list)
     subscribed: threading.Event = field(default_factory=threading.Event)
+    puback_codes: dict[int, int] = field(default_factory=dict)  # mid -> v5 reason code
+    disconnect_reason: str = ""
 
     def close(self) -> None:
         self.client.disconnect()
@@ -60,6 +62,7 @@ def open_session(
 
     def on_disconnect(_c, _u, _flags, reason_code, _props) -> None:
         session.reason = session.reason or str(reason_code)
+        session.disconnect_reason = str(reason_code)
         session.disconnected.set()
 
     def on_message(_c, _u, message: mqtt.MQTTMessage) -> None:
@@ -69,10 +72,14 @@ def open_session(
         session.suback_codes.extend(rc.value for rc in reason_codes)
         session.subscribed.set()
 
+    def on_publish(_c, _u, mid, reason_code, _props) -> None:
+        session.puback_codes[mid] = reason_code.value
+
     client.on_connect = on_connect
     client.on_disconnect = on_disconnect
     client.on_message = on_message
     client.on_subscribe = on_subscribe
+    client.on_publish = on_publish
     try:
         client.connect(host, port, keepalive=30)
     except OSError as exc:  # TLS handshake refused before CONNECT

@@ -10,13 +10,14 @@ import getpass
 import os
 import shutil
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from string import Template
 
 from iot_platform.pki import write_public
 from iot_platform.services.process import ChildProcess, ServiceError
+from iot_platform.settings import PlatformSettings
 from iot_platform.topics import device_acl_rules
 
 INGEST_IDENTITY = "ingest"
@@ -63,7 +64,11 @@ class BrokerConfig:
     bind_address: str = "127.0.0.1"
     max_inflight: int = 50_000
     max_queued: int = 1_000_000
-    message_size_limit: int = 1_048_576
+    # The one payload limit (IOT_MQTT_MAX_PAYLOAD_BYTES): the broker refuses larger
+    # publishes with a reason code; the ingest daemon keeps everything it is sent.
+    message_size_limit: int = field(
+        default_factory=lambda: PlatformSettings.from_env().mqtt_max_payload_bytes
+    )
     ingest_user: str = INGEST_IDENTITY
     run_as: str | None = None  # `user` option; None -> the current user (no privilege drop)
 

@@ -14,6 +14,7 @@ import pytest
 
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
 from iot_platform.rawbatch import BatchKey
+from iot_platform.settings import PlatformSettings
 from tests.fixtures.ingest import (
     ingest_env,
     local_store_env,
@@ -292,25 +293,40 @@ def test_two_daemons_share_the_stream_without_loss(mosquitto, ingest_factory, tm
     assert per_instance == {"share0", "share1"}
 
 
-def test_oversize_payload_is_counted_and_dropped_and_the_daemon_goes_on(
+def test_one_payload_limit_broker_refuses_above_it_daemon_keeps_everything_below(
     mosquitto, ingest_factory, tmp_path
 ):
+    """Issue 11: one limit (IOT_MQTT_MAX_PAYLOAD_BYTES, 1 MiB by default) for broker and
+    daemon. Above it the device gets a reason code; below it every payload reaches the raw
+    batch, also those the decoder will refuse as oversized (256 KiB)."""
+    limit = PlatformSettings.from_env().mqtt_max_payload_bytes
+    assert mosquitto.broker.config.message_size_limit == limit
     store = LocalDirectoryStore(tmp_path / "objects")
     daemon = ingest_factory(
         ingest_env(
             mosquitto,
             tmp_path / "spool",
             INGEST_INSTANCE_ID="big",
-            INGEST_MAX_PAYLOAD_BYTES="1024",
             **local_store_env(tmp_path / "objects"),
         )
     ).start()
     device_id = _device(mosquitto, "big")
     session = device_session(mosquitto, device_id)
-    session.client.publish(f"iot/{device_id}/telemetry", b"x" * 5000, qos=1).wait_for_publish(5)
-    session.client.publish(f"iot/{device_id}/telemetry", b'{"ok":1}', qos=1).wait_for_publish(5)
+    topic = f"iot/{device_id}/telemetry"
+    sent = [b"x" * (300 * 1024), b"y" * limit, b'{"ok":1}']
+    infos = [session.client.publish(topic, payload, qos=1) for payload in sent]
+    for info in infos:
+        info.wait_for_publish(10)
+    assert [session.puback_codes.get(info.mid) for info in infos] == [0, 0, 0]
     session.close()
-    wait_for_rows(store, 1)
+    too_big = device_session(mosquitto, device_id, client_id=f"{device_id}-big")
+    too_big.disconnected.clear()
+    too_big.client.publish(topic, b"z" * (limit + 1), qos=1)
+    # Mosquitto 2.0.11 refuses it by disconnecting the device (reason "Protocol error")
+    assert too_big.disconnected.wait(10), "the broker accepted a payload over the limit"
+    assert too_big.disconnect_reason
+    too_big.close()
+    wait_for_rows(store, 3)
     time.sleep(1)
     rows = stored_rows(store)
     mine = [
@@ -320,9 +336,7 @@ def test_oversize_payload_is_counted_and_dropped_and_the_daemon_goes_on(
         )
         if device_id in t
     ]
-    assert mine == [b'{"ok":1}']
-    assert daemon.metrics()["ingest_oversize_dropped_total"] == 1
-    assert "dropped 5000-byte payload" in daemon.log()
+    assert mine == sent  # byte-exact, nothing dropped at ingest, the oversize one refused
     assert daemon.terminate() == 0
 
 
@@ -333,6 +347,7 @@ def test_oversize_payload_is_counted_and_dropped_and_the_daemon_goes_on(
         ("INGEST_MAX_AGE_S", "-1"),
         ("INGEST_INSTANCE_ID", "a/b"),
         ("IOT_OBJECT_STORE", "ftp"),
+        ("INGEST_MAX_PAYLOAD_BYTES", "1024"),  # gone: the broker's limit is the one limit
     ],
 )
 def test_invalid_configuration_fails_at_start_naming_the_setting(
