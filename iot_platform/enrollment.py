@@ -55,6 +55,12 @@ class RevocationReason(enum.Enum):
     def flag(self) -> x509.ReasonFlags:
         return x509.ReasonFlags[self.value]
 
+    @classmethod
+    def _missing_(cls, value: object) -> RevocationReason | None:
+        """RFC 5280's own spellings too (``keyCompromise``, ``cACompromise``), any case."""
+        wanted = str(value).replace("_", "").lower()
+        return next((m for m in cls if m.value.replace("_", "") == wanted), None)
+
 
 def refuse_private_key(csr_pem: str) -> None:
     """A key pasted where the CSR goes must fail loudly (and, from the CLI, before launch)."""
