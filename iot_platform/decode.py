@@ -36,6 +36,15 @@ Rules decided here (beyond DESIGN §4)
   wrong_type, in fields the decoder does not read they are ignored. In an event payload
   (hello/status/ack/ota), which is kept verbatim as a jsonb body, they are malformed_json
   wherever they are. ``nan``/``inf`` as a scalar payload are value_out_of_range.
+* Duplicate keys: an event payload (stored verbatim as jsonb, which would silently keep
+  the last value) with a key twice in any object is malformed_json. In telemetry a
+  duplicated field the decoder reads (envelope or measurement) is malformed_json;
+  duplicates among unread fields are ignored like the rest of them. The verdict is the
+  same on the vectorised and the slow path.
+* Huge numbers: an integer literal too long for Python's ``int()`` is treated as an
+  integer beyond every range (a ``val`` is value_out_of_range for that measurement only,
+  a ``seq`` value_out_of_range), never Python's own error text for the whole message. In
+  event bodies an integer that overflows a double is malformed_json, like ``1e400``.
 * Integers: ``seq`` must be a JSON integer 0..2^32-1 (1.0, 1e3, "1", true are wrong_type;
   negative or larger is value_out_of_range). ``v`` must be the integer 2.
 * ``ts``: ISO 8601 / RFC 3339 date-time ``YYYY-MM-DD[T ]HH:MM:SS[.fraction][Z|±HH[:]MM]``;
@@ -83,6 +92,7 @@ import math
 import os
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -956,6 +966,8 @@ def _try_parse(texts: pl.Series, group: str, strict: bool) -> tuple[pa.Array | N
             table, error = None, "payload is not a single JSON value"
         elif strict and texts.str.contains(_NUL_ESCAPE).any():
             table, error = None, "payload contains \\u0000, which cannot be stored as jsonb"
+        elif strict and not all(map(_strictly_valid, texts)):
+            table, error = None, "a payload has a duplicate key or an overflowing number"
     except _PARSE_ERRORS as exc:
         table, error = None, _error_text(exc)
     values = pending.result() if pending is not None else _count_values(plain)
@@ -966,6 +978,17 @@ def _try_parse(texts: pl.Series, group: str, strict: bool) -> tuple[pa.Array | N
     if table is None:
         return None, error
     return table.column("p").combine_chunks(), ""
+
+
+def _strictly_valid(text: str) -> bool:
+    """An event payload passes the strict decoder: no duplicate key at any level (Arrow
+    and Polars keep the last value silently), no number beyond a double. One C-speed
+    json.loads per event; events are a small share of the traffic."""
+    try:
+        _STRICT_DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 # ---- the slow path: diagnose one payload that failed the vectorised parse ----------------
@@ -986,6 +1009,12 @@ class _DuplicateKeyError(ValueError):
     pass
 
 
+class _Object(dict[str, Any]):
+    """A JSON object read by the slow path; ``duplicates``: its keys that occur twice."""
+
+    duplicates: frozenset[str] = frozenset()
+
+
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
@@ -995,13 +1024,50 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def _noting_duplicate_keys(pairs: list[tuple[str, Any]]) -> _Object:
+    obj = _Object(pairs)
+    if len(obj) < len(pairs):
+        obj.duplicates = frozenset(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+    return obj
+
+
+class _HugeInt:
+    """An integer literal too long for ``int()`` (Python's 4300-digit limit). Beyond the
+    range of every field, so it gets the same verdict as any too large integer instead of
+    failing the whole payload with Python's own error text."""
+
+
+_HUGE_INT = _HugeInt()
+_INT_DIGITS = 4000  # below sys.get_int_max_str_digits() (4300), sign included
+
+
+def _parse_int(text: str) -> int | _HugeInt:
+    return int(text) if len(text) <= _INT_DIGITS else _HUGE_INT
+
+
+def _parse_strict_int(text: str) -> int:
+    """Event bodies are stored as jsonb and must pass the strict parsers, which read
+    numbers as doubles: an integer that overflows a double is refused like ``1e400``."""
+    value = _parse_int(text)
+    if isinstance(value, _HugeInt) or not -_MAX_FLOAT_INT < value < _MAX_FLOAT_INT:
+        raise ValueError("a number overflows a double")
+    return value
+
+
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys, parse_constant=float)
+# Telemetry: duplicates matter only for the fields the decoder reads (the body is not
+# stored), exactly as the vectorised parser sees it. Events: stored verbatim, so any
+# duplicate key anywhere is refused (jsonb would silently keep the last value).
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_noting_duplicate_keys, parse_constant=float, parse_int=_parse_int
+)
 _STRICT_DECODER = json.JSONDecoder(
-    object_pairs_hook=_no_duplicate_keys, parse_constant=_refuse_constant
+    object_pairs_hook=_no_duplicate_keys,
+    parse_constant=_refuse_constant,
+    parse_int=_parse_strict_int,
 )
 
 
@@ -1010,7 +1076,7 @@ def _json_type(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
-    if isinstance(value, int):
+    if isinstance(value, int | _HugeInt):
         return "an integer"
     if isinstance(value, float):
         return "a non-integer number" if math.isfinite(value) else "a non-finite number"
@@ -1035,6 +1101,10 @@ def _kind_issue(value: Any, kind: str, escapes: bool) -> tuple[str, str] | None:
             except UnicodeEncodeError:
                 return R.WRONG_TYPE, "is not valid Unicode (lone surrogate escape)"
         return None
+    if of is _HugeInt and kind in (_INT, _NUM):
+        if kind == _INT:
+            return R.VALUE_OUT_OF_RANGE, "does not fit in 64 bits"
+        return R.VALUE_OUT_OF_RANGE, "is not a finite number"
     if kind == _INT:
         if of is not int:
             return R.WRONG_TYPE, f"is {_json_type(value)}, expected an integer"
@@ -1070,6 +1140,8 @@ def _diagnose(text: str, group: str, strict: bool) -> _Rejected | _Repaired:
         return _Rejected(R.WRONG_TYPE, f"payload is {_json_type(obj)}, expected a JSON object")
     if strict and (problem := _jsonb_problem(obj)):
         return _Rejected(R.MALFORMED_JSON, problem)
+    if not strict and (duplicate := _read_duplicate(obj, group)):
+        return _Rejected(R.MALFORMED_JSON, f"duplicate key {duplicate[:64]!r}")
     env: dict[str, tuple[str, str]] = {}
     measurements: dict[tuple[int, str], tuple[str, str]] = {}
     repaired: dict[str, Any] = {}
@@ -1092,6 +1164,21 @@ def _diagnose(text: str, group: str, strict: bool) -> _Rejected | _Repaired:
         )
     except ValueError as exc:
         return _Rejected(R.MALFORMED_JSON, f"payload could not be decoded: {exc}")
+
+
+def _read_duplicate(obj: dict[str, Any], group: str) -> str | None:
+    """A duplicated key among the fields the decoder reads (envelope, measurements), or
+    None: the ones the vectorised parser refuses too, whichever path a payload takes."""
+    envelope = {field for field, _ in _GROUP_SPECS[group]}
+    for key in sorted(getattr(obj, "duplicates", frozenset()) & envelope):
+        return key
+    items = obj.get("measurements") if "measurements" in envelope else None
+    if isinstance(items, list):
+        fields = {field for field, _ in _MEASUREMENT}
+        for item in items:
+            for key in sorted(getattr(item, "duplicates", frozenset()) & fields):
+                return key
+    return None
 
 
 def _jsonb_problem(obj: dict[str, Any]) -> str | None:
@@ -1118,7 +1205,7 @@ def _repair_measurements(
         return [None] * len(items)  # rejected as a whole by the vectorised count check
     repaired: list[Any] = []
     for pos, item in enumerate(items):
-        if type(item) is not dict:
+        if not isinstance(item, dict):
             issues[(pos, _SELF)] = (
                 R.WRONG_TYPE,
                 f"measurements[{pos}] is {_json_type(item)}, expected an object",

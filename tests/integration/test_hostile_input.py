@@ -254,6 +254,51 @@ def test_topics_nobody_consumes_are_refused_by_the_broker(stack):
     assert stack.query("SELECT count(*) FROM decode_rejects") == [(0,)]
 
 
+def test_duplicate_keys_and_huge_numbers_get_measurement_level_verdicts(stack):
+    stack.daemon.start()
+    dev = stack.device()
+    ts = _now()
+    hello = (
+        json.dumps(
+            {"v": 2, "device_id": dev, "ts": ts, "seq": 1, "msg_type": "hello", "fw_version": "1"}
+        )[:-1]
+        + ', "fw_version": "2"}'
+    )
+    huge = json.dumps(
+        {
+            "v": 2,
+            "device_id": dev,
+            "ts": ts,
+            "seq": 2,
+            "measurements": [
+                {"type": "voltage_dc", "val": "HUGE"},
+                {"type": "current_dc", "val": 12.5},
+            ],
+        }
+    ).replace('"HUGE"', "9" * 5000)
+    sent = [
+        (f"iot/{dev}/telemetry", b'{"v":2,"seq":'),  # a malformed neighbour: slow path
+        (f"iot/{dev}/hello", hello.encode()),
+        (f"iot/{dev}/telemetry", huge.encode()),
+    ]
+    assert stack.publish(dev, sent) == [0, 0, 0]
+    stack.wait_for([dev], len(sent))
+    assert stack.daemon.terminate() == 0
+    stack.load_everything()
+    rejects = stack.query("SELECT topic, reason, detail FROM decode_rejects ORDER BY received_at")
+    assert [(t.rsplit("/", 1)[1], r) for t, r, _ in rejects] == [
+        ("telemetry", "malformed_json"),
+        ("hello", "malformed_json"),
+        ("telemetry", "value_out_of_range"),
+    ]
+    assert "duplicate key 'fw_version'" in rejects[1][2]
+    assert "1 of 2 measurements dropped" in rejects[2][2]
+    assert stack.query("SELECT metric, value FROM telemetry WHERE device_id = %s", [dev]) == [
+        ("current_dc", 12.5)
+    ]
+    assert stack.query("SELECT count(*) FROM device_events WHERE device_id = %s", [dev]) == [(0,)]
+
+
 def test_a_device_id_differing_only_in_case_is_refused_by_the_registry(stack):
     dev = stack.device("CaseDev")
     with pytest.raises(psycopg.errors.UniqueViolation), stack.warehouse.connect() as conn:

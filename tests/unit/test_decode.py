@@ -551,6 +551,105 @@ def test_leap_second_is_rejected_not_moved_to_the_next_minute():
     assert out.telemetry.select("metric", "ts").rows() == [("b", TS_DT)]
 
 
+HUGE_CASES = [
+    # (topic, payload, reason or None, detail fragment, telemetry metrics kept)
+    (
+        "iot/dev-1/hello",
+        event()[:-1] + ', "fw_version": "1", "fw_version": "2"}',
+        "malformed_json",
+        "duplicate key 'fw_version'",
+        [],
+    ),
+    (
+        "iot/dev-1/hello",
+        event()[:-1] + ', "x": {"a": 1, "a": 2}}',
+        "malformed_json",
+        "duplicate key 'a'",
+        [],
+    ),
+    (
+        "iot/dev-1/status",
+        event(kind="status", status="online")[:-1] + ', "status": "offline"}',
+        "malformed_json",
+        "duplicate key 'status'",
+        [],
+    ),
+    ("iot/dev-1/telemetry", envelope()[:-1] + ', "pad": 1, "pad": 2}', None, "", ["voltage_dc"]),
+    (
+        "iot/dev-1/telemetry",
+        envelope(measurements=[_m(val=1, unit="V"), _m(type="b")]).replace(
+            '"val": 1,', '"val": 1, "val": 2,'
+        ),
+        "malformed_json",
+        "duplicate key 'val'",
+        [],
+    ),
+    (
+        "iot/dev-1/telemetry",
+        envelope(measurements=[_m(val=1, unit="V"), _m(type="b")]).replace(
+            '"val": 1,', '"val": ' + "9" * 400 + ","
+        ),
+        "value_out_of_range",
+        "measurements[0].val",
+        ["b"],
+    ),
+    (
+        "iot/dev-1/telemetry",
+        envelope(measurements=[_m(val=1, unit="V"), _m(type="b")]).replace(
+            '"val": 1,', '"val": -' + "9" * 5000 + ","
+        ),
+        "value_out_of_range",
+        "measurements[0].val",
+        ["b"],
+    ),
+    (
+        "iot/dev-1/telemetry",
+        envelope().replace('"seq": 1', '"seq": ' + "9" * 400),
+        "value_out_of_range",
+        "seq does not fit in 64 bits",
+        [],
+    ),
+    (
+        "iot/dev-1/telemetry",
+        envelope().replace('"seq": 1', '"seq": ' + "9" * 5000),
+        "value_out_of_range",
+        "seq does not fit in 64 bits",
+        [],
+    ),
+    (
+        "iot/dev-1/hello",
+        event()[:-1] + ', "n": ' + "9" * 400 + "}",
+        "malformed_json",
+        "a number overflows a double",
+        [],
+    ),
+    (
+        "iot/dev-1/hello",
+        event()[:-1] + ', "n": ' + "9" * 5000 + "}",
+        "malformed_json",
+        "a number overflows a double",
+        [],
+    ),
+]
+
+
+@pytest.mark.parametrize("neighbour", [False, True], ids=["fast-path", "slow-path"])
+@pytest.mark.parametrize(("topic", "payload", "reason", "detail", "kept"), HUGE_CASES)
+def test_duplicate_keys_and_huge_numbers_get_one_verdict_on_either_path(
+    topic, payload, reason, detail, kept, neighbour
+):
+    # A malformed neighbour sends its whole chunk down the slow path (json.loads per row):
+    # the verdict must not depend on which path a payload took.
+    rows = [(topic, "{broken")] if neighbour else []
+    out = decode(*rows, (topic, payload))
+    got = out.rejects.filter(pl.col("payload_excerpt") != "{broken")
+    assert got.get_column("reason").to_list() == ([reason] if reason else [])
+    if reason:
+        assert detail in got.item(0, "detail")
+    assert out.telemetry.get_column("metric").to_list() == kept
+    assert out.events.is_empty() or reason is None
+
+
 def test_parameters_missing_or_unsupported_encoding_is_unknown_parameter():
     assert reasons(decode((f"tele/{MAC}/auto/c1/relay", "1"), parameters=None)) == [
         "unknown_parameter"
