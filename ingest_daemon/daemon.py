@@ -1,7 +1,7 @@
 """The ingest daemon: MQTT (mTLS, persistent session, manual ack) -> raw Parquet batches.
 
 Threads:
-* paho's network loop reads the socket; ``_PublishReader`` frames whole runs of PUBLISH
+* paho's network loop reads the socket; ``PublishReader`` (``fastpath``) frames runs of PUBLISH
   packets and ``_on_publishes`` appends each run to the buffer in one call (other
   packets, and ``_on_message`` for unusual publishes, go through paho as usual);
 * the flusher cuts batches (rows/bytes/age), writes them to the object store — or the
@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import logging
 import queue
-import struct
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingest_daemon.buffer import Batch, MessageBuffer
 from ingest_daemon.config import IngestSettings
+from ingest_daemon.fastpath import PublishReader
 from ingest_daemon.metrics import IngestMetrics, serve
 from ingest_daemon.spool import Spool
 from iot_platform.mqtt_tls import tls_client
@@ -64,209 +61,6 @@ class _Pending:
     acks: list[tuple[int, int, list[int]]]  # (epoch, qos, packet ids)
 
 
-_PUBLISH = 0x30
-_PUBACK = 0x40
-_PUBACK_WORD = 0x4002_0000  # PUBACK, remaining length 2; OR the packet id into the low half
-_RECV_SIZE = 64 * 1024  # a TLS read returns at most one 16 KiB record anyway
-_READ_BUDGET = 1024 * 1024  # per call, so writes (acks) and keepalive get their turn
-_TOPIC_CACHE_MAX = 50_000
-
-# (topics, payloads, qos, retain, packet ids) of consecutive PUBLISH packets
-PublishSink = Callable[[list[str], list[bytes], list[int], list[bool], list[int]], None]
-
-
-class _PublishReader:
-    """paho's read path with the per-message work taken out of it.
-
-    Stock paho reads a packet with three or more socket calls, runs select() between
-    packets and builds an MQTTMessage, a v5 ``Properties`` and a callback dispatch per
-    message: at ~200-byte messages that was three quarters of the daemon's CPU
-    (py-spy, ``bench/ingest.py --profile``). This reader takes whatever the socket has
-    (up to ``_READ_BUDGET`` bytes), frames the packets itself and hands each run of
-    QoS 0/1 PUBLISH packets to ``sink`` as columns, in one call. Everything else —
-    CONNACK, SUBACK, PINGRESP, DISCONNECT, QoS 2, an empty (aliased) or non-UTF-8 topic —
-    goes to paho's own handler in arrival order, so the callbacks see what they always
-    saw. Acknowledgements go out as one write per batch
-    (``send_pubacks``) instead of one TLS record per message.
-
-    It uses paho 2.x internals (``_packet_read``, ``_in_packet``, ``_packet_handle``,
-    ``_sock``, ``_sock_recv``, ``_packet_queue``); ``install`` returns None, leaving the
-    stock path in place, if they are missing.
-    """
-
-    _INTERNALS = (
-        "_packet_read",
-        "_packet_handle",
-        "_packet_queue",
-        "_sock_recv",
-        "_in_packet",
-        "_sock",
-        "_msgtime_mutex",
-        "_protocol",
-    )
-
-    def __init__(self, client: mqtt.Client, sink: PublishSink) -> None:
-        self._client = client
-        self._sink = sink
-        self._v5 = client._protocol == mqtt.MQTTv5
-        self._sock: object = None
-        self._partial = b""
-        self._topics: dict[bytes, str] = {}
-
-    @classmethod
-    def install(cls, client: mqtt.Client, sink: PublishSink) -> _PublishReader | None:
-        if not all(hasattr(client, name) for name in cls._INTERNALS):
-            log.warning("paho-mqtt internals changed: using its slower per-message read path")
-            return None
-        reader = cls(client, sink)
-        client._packet_read = reader.packet_read  # type: ignore[method-assign]
-        return reader
-
-    # ---- acks -------------------------------------------------------------------
-    def send_pubacks(self, mids: list[int]) -> None:
-        """Queue the PUBACKs of many QoS 1 messages as one write."""
-        for start in range(0, len(mids), 16384):
-            chunk = mids[start : start + 16384]
-            data = struct.pack(f">{len(chunk)}I", *[_PUBACK_WORD | mid for mid in chunk])
-            self._client._packet_queue(_PUBACK, data, 0, 0)
-
-    # ---- reading ----------------------------------------------------------------
-    def packet_read(self) -> MQTTErrorCode:
-        """Stands in for ``Client._packet_read``: read what is there, handle every packet."""
-        client = self._client
-        if client._sock is not self._sock:  # a new connection: forget the old one's bytes
-            self._sock = client._sock
-            self._partial = b""
-        chunks = [self._partial]
-        received = 0
-        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        while received < _READ_BUDGET:
-            try:
-                chunk = client._sock_recv(_RECV_SIZE)
-            except BlockingIOError:
-                rc = MQTTErrorCode.MQTT_ERR_AGAIN
-                break
-            except OSError as err:
-                client._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
-                break
-            if not chunk:
-                rc = MQTTErrorCode.MQTT_ERR_CONN_LOST
-                break
-            chunks.append(chunk)
-            received += len(chunk)
-        if received:
-            with client._msgtime_mutex:
-                client._last_bytes_received = time.monotonic()
-            data = b"".join(chunks)
-            consumed, handled = self._handle(data)
-            self._partial = data[consumed:]
-            if handled > 0:
-                return handled
-        return rc
-
-    def _handle(self, data: bytes) -> tuple[int, MQTTErrorCode]:
-        """Handle every complete packet in ``data``; returns (bytes consumed, rc)."""
-        end = len(data)
-        pos = 0
-        topics: list[str] = []
-        payloads: list[bytes] = []
-        qos: list[int] = []
-        retain: list[bool] = []
-        mids: list[int] = []
-        cache = self._topics
-        v5 = self._v5
-        while end - pos >= 2:
-            header = data[pos]
-            length = data[pos + 1]
-            start = pos + 2
-            if length & 0x80:  # the remaining length goes on (at most 4 bytes)
-                length &= 0x7F
-                shift = 7
-                while start < end:
-                    byte = data[start]
-                    start += 1
-                    length |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                    if shift > 21:
-                        return pos, MQTTErrorCode.MQTT_ERR_PROTOCOL
-                else:
-                    break  # the length itself is incomplete
-            stop = start + length
-            if stop > end:
-                break  # incomplete: wait for the rest
-            if header & 0xF4 == _PUBLISH and length >= 2:  # PUBLISH, QoS 0 or 1
-                topic_end = start + 2 + (data[start] << 8 | data[start + 1])
-                body = topic_end + 2 if header & 0x02 else topic_end
-                if v5:  # skip the properties: the raw contract keeps only the payload
-                    if body >= stop or data[body] & 0x80:
-                        body = stop + 1  # malformed, or >127 bytes of them: paho decides
-                    else:
-                        body += 1 + data[body]
-                if topic_end > start + 2 and body <= stop:
-                    name = data[start + 2 : topic_end]
-                    topic = cache.get(name)
-                    if topic is None:
-                        try:
-                            topic = name.decode()
-                        except UnicodeDecodeError:
-                            topic = None
-                        else:
-                            if len(cache) >= _TOPIC_CACHE_MAX:
-                                cache.clear()
-                            cache[name] = topic
-                    if topic is not None:
-                        topics.append(topic)
-                        payloads.append(data[body:stop])
-                        qos.append(header >> 1 & 1)
-                        retain.append(header & 1 == 1)
-                        mids.append(data[topic_end] << 8 | data[topic_end + 1] if header & 2 else 0)
-                        pos = stop
-                        continue
-            # Anything else goes through paho, after the publishes before it.
-            if payloads:
-                self._sink(topics, payloads, qos, retain, mids)
-                topics, payloads, qos, retain, mids = [], [], [], [], []
-            rc = self._paho_handle(header, data[start:stop])
-            pos = stop
-            if rc > 0 or self._client._sock is not self._sock:
-                return pos, rc
-        if payloads:
-            self._sink(topics, payloads, qos, retain, mids)
-        return pos, MQTTErrorCode.MQTT_ERR_SUCCESS
-
-    def _paho_handle(self, header: int, body: bytes) -> MQTTErrorCode:
-        client = self._client
-        client._in_packet = {
-            "command": header,
-            "have_remaining": 1,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": len(body),
-            "packet": bytearray(body),
-            "to_process": 0,
-            "pos": 0,
-        }
-        try:
-            rc = client._packet_handle()
-        except MalformedPacket as exc:
-            client._easy_log(mqtt.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        client._in_packet = {
-            "command": 0,
-            "have_remaining": 0,
-            "remaining_count": [],
-            "remaining_mult": 1,
-            "remaining_length": 0,
-            "packet": bytearray(b""),
-            "to_process": 0,
-            "pos": 0,
-        }
-        return rc
-
-
 class IngestDaemon:
     def __init__(self, settings: IngestSettings, store: ObjectStore) -> None:
         self.settings = settings
@@ -285,7 +79,9 @@ class IngestDaemon:
         self._threads: list[threading.Thread] = []
         self._http = None
         self.client = self._make_client()
-        self._reader = _PublishReader.install(self.client, self._on_publishes)
+        self._reader = PublishReader.install(self.client, self._on_publishes)
+        self.metrics.fast_path.set(1 if self._reader is not None else 0)
+        self._backpressure = False
         self._update_spool_gauges()
 
     # ---- MQTT ---------------------------------------------------------------
@@ -369,7 +165,7 @@ class IngestDaemon:
         retain: list[bool],
         mids: list[int],
     ) -> None:
-        """A run of QoS 0/1 publishes from one socket read (``_PublishReader``), in order.
+        """A run of QoS 0/1 publishes from one socket read (``PublishReader``), in order.
 
         They share one receive timestamp: they arrived in the same read.
         """
@@ -443,7 +239,7 @@ class IngestDaemon:
         pending = self._encode(batch)
         delay = 0.5
         while not self._make_durable(pending):
-            self.metrics.backpressure.set(1)
+            self._set_backpressure(True)
             self._ratelog.warning(
                 "backpressure",
                 "store unreachable and spool full (%d bytes of %d): holding %d messages unacked",
@@ -460,9 +256,15 @@ class IngestDaemon:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
-        self.metrics.backpressure.set(0)
+        self._set_backpressure(False)
         self._acknowledge(pending.acks)
         return True
+
+    def _set_backpressure(self, on: bool) -> None:
+        """Kept as a plain attribute for /healthz and exported as the gauge (a metric's
+        own value is private to prometheus_client)."""
+        self._backpressure = on
+        self.metrics.backpressure.set(1 if on else 0)
 
     def _flusher(self) -> None:
         tick = min(self.settings.max_age_s / 4, 0.25)
@@ -510,7 +312,8 @@ class IngestDaemon:
             "threads_alive": alive,
             "spool_files": self.spool.count,
             "spool_bytes": self.spool.bytes,
-            "backpressure": bool(self.metrics.backpressure._value.get()),
+            "backpressure": self._backpressure,
+            "fast_path": self._reader is not None,
         }
 
     def start(self) -> None:

@@ -74,6 +74,9 @@ def test_every_topic_family_round_trips_byte_exact(mosquitto, ingest_factory, tm
             **local_store_env(tmp_path / "objects"),
         )
     ).start()
+    # the fast PUBLISH reader is what carries the traffic below (verified paho-mqtt)
+    assert daemon.health()["fast_path"] is True
+    assert daemon.metrics()["ingest_fast_path"] == 1
     meter, sensor = _device(mosquitto, "meter"), _device(mosquitto, "sensor")
     controller = f"f2-{secrets.token_hex(6)}"
     mosquitto.ca.issue_device_certificate(controller)
