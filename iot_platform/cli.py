@@ -15,7 +15,7 @@ from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, SettingsError
 
 if TYPE_CHECKING:
-    from iot_platform.enrollment import CertificateRow
+    from iot_platform.enrollment import CertificateRow, RevocationReason
     from iot_platform.launcher import RunOutcome
 
 
@@ -132,12 +132,14 @@ def _cmd_devices_enroll(settings: PlatformSettings, args: argparse.Namespace) ->
     outcome = _launch(settings, "enroll_device", "issue_certificate", config)
     if not outcome.succeeded:
         return 1
-    newest = _registry(settings, args.device_id)[0]
-    cert_path, _key = device_paths(settings.certs_dir, args.device_id)
+    # What the run reports it issued and where it wrote it: no second source (registry,
+    # local paths) that could disagree, or fail and turn a success into an error.
+    issued = outcome.materializations[-1]
+    key = issued.get("private_key_file")
     print(
-        f"enrolled {args.device_id}: serial {newest.serial_hex}, fingerprint "
-        f"{newest.fingerprint_sha256}, valid until {newest.not_after:%Y-%m-%d}, "
-        f"certificate {cert_path}"
+        f"enrolled {args.device_id}: serial {issued['serial_hex']}, fingerprint "
+        f"{issued['fingerprint_sha256']}, valid until {issued['not_after'][:10]}, "
+        f"certificate {issued['certificate_pem']}" + (f", private key {key}" if key else "")
     )
     return 0
 
@@ -162,17 +164,35 @@ def _key_value(item: str) -> tuple[str, str]:
 
 
 def _cmd_devices_revoke(settings: PlatformSettings, args: argparse.Namespace) -> int:
-    config = {"serial": args.serial or "", "device_id": args.device or "", "reason": args.reason}
+    config = {
+        "serial": args.serial or "",
+        "device_id": args.device or "",
+        "reason": args.reason.value,
+    }
     outcome = _launch(settings, "revoke_certificate", "revoke_certificates", config)
     if not outcome.succeeded:
         return 1
     from iot_platform.enrollment import normalise_serial
 
-    rows = _registry(settings, args.device)
+    try:
+        rows = _registry(settings, args.device)
+    except (SettingsError, ServiceError) as exc:  # the revocation stands: say so, exit 0
+        print(f"revoked ({outcome.url}); cannot list the result: {exc}", file=sys.stderr)
+        return 0
     if args.serial:
         rows = [r for r in rows if r.serial_hex == normalise_serial(args.serial)]
     _print_certificates(rows)
     return 0
+
+
+def _revocation_reason(text: str) -> RevocationReason:
+    from iot_platform.enrollment import RevocationReason
+
+    try:
+        return RevocationReason(text)
+    except ValueError:
+        names = ", ".join(r.value for r in RevocationReason)
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {names}") from None
 
 
 def _cmd_devices_list(settings: PlatformSettings, _args: argparse.Namespace) -> int:
@@ -187,8 +207,15 @@ def _cmd_devices_cert(settings: PlatformSettings, args: argparse.Namespace) -> i
         return 1
     _print_certificates(rows)
     pem, _key = device_paths(settings.certs_dir, args.device_id)
-    if pem.exists():
+    try:
         print(pem.read_text(), end="")
+    except OSError as exc:
+        print(
+            f"iot-platform: the certificate file {pem} cannot be read ({exc.strerror}): "
+            "is IOT_CERTS_DIR the platform's certificate directory?",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -274,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--serial", help="certificate serial (hex)")
     target.add_argument("--device", help="revoke every active certificate of this device")
     revoke.add_argument(
-        "--reason", default="unspecified", choices=[r.value for r in RevocationReason]
+        "--reason",
+        default=RevocationReason.unspecified,
+        type=_revocation_reason,
+        help="RFC 5280 reason, as key_compromise or keyCompromise: "
+        + ", ".join(r.value for r in RevocationReason),
     )
     revoke.set_defaults(handler=_cmd_devices_revoke)
     devices.add_parser("list", help="every certificate and its status").set_defaults(

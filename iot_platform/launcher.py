@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -19,15 +19,26 @@ from iot_platform.services.process import ServiceError
 
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
-_RUN_ERRORS = """
-query RunErrors($runId: ID!) {
+_RUN_EVENTS = """
+query RunEvents($runId: ID!) {
   logsForRun(runId: $runId) {
     __typename
     ... on EventConnection {
       events {
         __typename
-        ... on ExecutionStepFailureEvent { stepKey error { message } }
+        ... on ExecutionStepFailureEvent {
+          stepKey
+          error { message errorChain { error { message } } }
+        }
         ... on RunFailureEvent { message }
+        ... on MaterializationEvent {
+          metadataEntries {
+            label
+            ... on TextMetadataEntry { text }
+            ... on PathMetadataEntry { path }
+            ... on JsonMetadataEntry { jsonString }
+          }
+        }
       }
     }
   }
@@ -66,10 +77,44 @@ class RunOutcome:
     status: DagsterRunStatus
     errors: list[str]
     url: str
+    # text, path and JSON metadata of each materialization the run reported, in order: what the
+    # run itself says it did (e.g. where it wrote a certificate), no second source to ask
+    materializations: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def succeeded(self) -> bool:
         return self.status == DagsterRunStatus.SUCCESS
+
+
+def run_errors(events: list[dict[str, Any]]) -> list[str]:
+    """Step failure messages first (they carry the operator-facing reason), each with the
+    exception that caused it: an unexpected error inside an op reaches the event log as
+    DagsterExecutionStepExecutionError, whose own message names only the op."""
+    steps = []
+    for event in events:
+        error = event.get("error")
+        if not error:
+            continue
+        chain = [error["message"].strip()]
+        chain += [link["error"]["message"].strip() for link in error.get("errorChain", [])]
+        steps.append(" <- caused by: ".join(chain))
+    runs = [e["message"] for e in events if e["__typename"] == "RunFailureEvent"]
+    return steps or runs
+
+
+def materializations(events: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """label -> value of each materialization's text, path and JSON metadata entries (each
+    entry carries exactly one of these fields, per the query's fragments)."""
+    return [
+        {
+            entry["label"]: value
+            for entry in event["metadataEntries"]
+            for field_name, value in entry.items()
+            if field_name in {"text", "path", "jsonString"}
+        }
+        for event in events
+        if event["__typename"] == "MaterializationEvent"
+    ]
 
 
 class JobLauncher:
@@ -105,15 +150,9 @@ class JobLauncher:
                 raise LaunchError(f"run {run_id} still {status.value} after {self.timeout_s:.0f}s")
             time.sleep(0.5)
             status = self._status(run_id)
-        errors = [] if status == DagsterRunStatus.SUCCESS else self.errors(run_id)
-        return RunOutcome(run_id, status, errors, url)
-
-    def errors(self, run_id: str) -> list[str]:
-        """Step failure messages first (they carry the operator-facing reason)."""
-        events = self._graphql(_RUN_ERRORS, runId=run_id)["logsForRun"].get("events", [])
-        steps = [e["error"]["message"].strip() for e in events if e.get("error")]
-        runs = [e["message"] for e in events if e["__typename"] == "RunFailureEvent"]
-        return steps or runs
+        events = self._graphql(_RUN_EVENTS, runId=run_id)["logsForRun"].get("events", [])
+        errors = [] if status == DagsterRunStatus.SUCCESS else run_errors(events)
+        return RunOutcome(run_id, status, errors, url, materializations(events))
 
     def backfill(self, asset_keys: list[list[str]], partitions: list[str]) -> str:
         """Backfill ``partitions`` of the assets (as the UI's Materialize -> Backfill does)

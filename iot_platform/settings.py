@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CRL_REFRESH_HOURS = 6  # crl_refresh_schedule's period
+# The one place that state and certificate paths resolve from when IOT_HOME /
+# IOT_CERTS_DIR are not set: the source checkout this package runs from (it holds
+# workspace.yaml), never the current folder, so `iot-platform` finds the embedded stack's
+# state and certificates from any folder.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MQTT_MAX_PACKET_BYTES = 268_435_455  # the largest remaining length MQTT can encode
 
 
@@ -60,6 +65,32 @@ def env_float(name: str, default: float, *, minimum: float | None = None) -> flo
     if minimum is not None and value < minimum:
         raise SettingsError(f"{name}={value} must be >= {minimum}")
     return value
+
+
+def env_dir(name: str, default: Path | None) -> Path:
+    """An absolute directory from ``name``, else ``default`` (None: no default here).
+
+    A relative value is refused: it would mean another folder for every working directory
+    the operator runs a command from."""
+    raw = os.environ.get(name, "").strip()
+    if raw:
+        if not Path(raw).is_absolute():
+            raise SettingsError(
+                f"{name}={raw!r} is a relative path: give an absolute one (relative paths "
+                "would depend on the folder a command runs from)"
+            )
+        return Path(raw).resolve()
+    if default is None:
+        raise SettingsError(
+            f"set {name}: iot_platform does not run from a source checkout "
+            f"({PROJECT_ROOT} has no workspace.yaml), so it has no default"
+        )
+    return default
+
+
+def checkout_dir(name: str) -> Path | None:
+    """``PROJECT_ROOT/name`` when running from a source checkout, else None."""
+    return PROJECT_ROOT / name if (PROJECT_ROOT / "workspace.yaml").is_file() else None
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -131,7 +162,7 @@ class PlatformSettings:
 
     @classmethod
     def from_env(cls) -> PlatformSettings:
-        home = Path(env_str("IOT_HOME", str(Path.cwd() / ".iot"))).resolve()
+        home = env_dir("IOT_HOME", checkout_dir(".iot"))
         crl_days = env_int("IOT_CRL_DAYS", 7, minimum=1)
         crl_margin = env_float("IOT_CRL_MIN_REMAINING_HOURS", 48, minimum=0)
         if crl_days * 24 <= crl_margin + CRL_REFRESH_HOURS:
@@ -151,7 +182,7 @@ class PlatformSettings:
             raise SettingsError(f"IOT_OBJECT_STORE={object_store!r} must be 'local' or 's3'")
         return cls(
             home=home,
-            certs_dir=Path(env_str("IOT_CERTS_DIR", str(Path.cwd() / "certs"))).resolve(),
+            certs_dir=env_dir("IOT_CERTS_DIR", checkout_dir("certs")),
             broker_host=env_str("IOT_BROKER_HOST", "127.0.0.1"),
             broker_port=env_int("IOT_BROKER_PORT", 8883, minimum=1),
             broker_service_name=env_str("IOT_BROKER_SERVICE_NAME", "mosquitto"),
@@ -169,7 +200,7 @@ class PlatformSettings:
             dagster_host=env_str("IOT_DAGSTER_HOST", "127.0.0.1"),
             dagster_port=env_int("IOT_DAGSTER_PORT", 3000, minimum=1),
             object_store=object_store,
-            local_store_dir=Path(env_str("IOT_LOCAL_STORE_DIR", str(home / "objects"))).resolve(),
+            local_store_dir=env_dir("IOT_LOCAL_STORE_DIR", home / "objects"),
             s3_endpoint=env_str("IOT_S3_ENDPOINT", "127.0.0.1:9000"),
             s3_bucket=env_str("IOT_S3_BUCKET", "iot-raw"),
             s3_secure=env_bool("IOT_S3_SECURE", False),

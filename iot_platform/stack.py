@@ -31,12 +31,18 @@ from iot_platform.pki import CertificateAuthority, init_pki
 from iot_platform.services.mosquitto import INGEST_IDENTITY, BrokerConfig, MosquittoBroker
 from iot_platform.services.postgres import PostgresServer
 from iot_platform.services.process import ChildProcess, ServiceError, port_is_open
-from iot_platform.settings import PlatformSettings, Secret, SettingsError, env_int, env_secret
+from iot_platform.settings import (
+    PROJECT_ROOT,
+    PlatformSettings,
+    Secret,
+    SettingsError,
+    env_int,
+    env_secret,
+)
 from iot_platform.warehouse.migrations import migrate
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 WORKSPACE = str(PROJECT_ROOT / "workspace.yaml")
 BINDIR = Path(sys.executable).parent
 SERVICE_IDENTITIES = [INGEST_IDENTITY]

@@ -153,10 +153,13 @@ def test_csr_enrollment_connects_publishes_only_as_itself_and_revocation_cuts_it
         ).fetchall() == [("key_compromise",)]
 
 
-def _cli(platform: Platform, *args: str) -> subprocess.CompletedProcess[str]:
+def _cli(
+    platform: Platform, *args: str, cwd: Path | None = None, **env: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "iot_platform.cli", "devices", *args],
-        env=platform.env,
+        env={**platform.env, **env},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=240,
@@ -214,6 +217,84 @@ def test_crl_refresh_job_renews_a_crl_near_expiry(platform):
     assert outcome.succeeded, outcome.errors
     remaining = platform.ca.load_crl().next_update_utc - utcnow()
     assert remaining.days >= 6
+
+
+def test_cli_from_another_folder_reports_what_the_run_did(platform, tmp_path):
+    """A succeeded job is never reported as failed: the CLI prints what the run issued and
+    where it wrote it, even when it cannot read the registry itself (a wrong IOT_PG_PORT
+    here); `devices cert` refuses to leave the PEM out silently."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    before = platform.counts()
+    result = _cli(platform, "enroll", "cwd-cli-01", cwd=elsewhere, IOT_PG_PORT="1")
+    assert result.returncode == 0, result.stderr
+    assert platform.counts()[1] == before[1] + 1  # exactly one certificate, reported
+    cert, key = platform.ca.device_paths("cwd-cli-01")
+    with psycopg.connect(platform.warehouse) as conn:
+        serial = conn.execute(
+            "SELECT serial_hex FROM device_certificates WHERE device_id = 'cwd-cli-01'"
+        ).fetchone()[0]
+    assert f"enrolled cwd-cli-01: serial {serial}," in result.stdout
+    assert f"certificate {cert}, private key {key}" in result.stdout
+    assert list(elsewhere.iterdir()) == []  # nothing written to the current folder
+
+    shown = _cli(platform, "cert", "cwd-cli-01", cwd=elsewhere)
+    assert shown.returncode == 0, shown.stderr
+    assert cert.read_text() in shown.stdout
+    empty = tmp_path / "no-certs"
+    missing = _cli(platform, "cert", "cwd-cli-01", cwd=elsewhere, IOT_CERTS_DIR=str(empty))
+    assert missing.returncode == 1
+    assert f"the certificate file {empty}/devices/" in missing.stderr
+    assert "IOT_CERTS_DIR" in missing.stderr
+
+    # RFC 5280's own spelling of the reason
+    revoked = _cli(platform, "revoke", "--device", "cwd-cli-01", "--reason", "keyCompromise")
+    assert revoked.returncode == 0, revoked.stderr
+    assert "revoked (key_compromise)" in revoked.stdout
+
+
+def test_a_failed_run_reports_the_underlying_error(platform):
+    """Not a PKIError: the step fails with DagsterExecutionStepExecutionError, whose own
+    message names only the op; the operator must see the exception that caused it."""
+    before = platform.counts()
+    outcome = platform.enroll(device_id="nul-type-01", device_type="meter\x00dc")
+    assert not outcome.succeeded
+    assert any("Error occurred while executing op" in e and "NUL" in e for e in outcome.errors), (
+        outcome.errors
+    )
+    assert platform.counts() == before
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_the_readme_enrollment_steps_run_as_written(platform, tmp_path):
+    """The README's CSR, enroll, publish and revoke steps, with only this stack's port,
+    certificate directory and interpreter put in: no key lands where they are run, and the
+    broker's answer to the publish is visible although mosquitto_pub exits 0 either way."""
+    text = README.read_text()
+    script = text[text.index("# a device keeps its key") : text.index('rm -r "$dev"\n') + 12]
+    script = (
+        script.replace(".venv/bin/iot-platform", f"{sys.executable} -m iot_platform.cli")
+        .replace("-p 8883", f"-p {platform.port}")
+        .replace("certs/", f"{platform.env['IOT_CERTS_DIR']}/")
+    )
+    result = subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=tmp_path,
+        env=platform.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "received PUBACK (Mid: 1, RC:0)" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # the key went to a temp dir, now removed
+    with psycopg.connect(platform.warehouse) as conn:
+        assert conn.execute(
+            "SELECT reason FROM device_certificates WHERE device_id = 'meter-01'"
+        ).fetchall() == [("key_compromise",)]
 
 
 def test_no_private_key_or_ca_passphrase_in_logs_or_events(platform):

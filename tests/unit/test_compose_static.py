@@ -193,7 +193,7 @@ def parse_env_file(path: Path) -> dict[str, str]:
 # ---- what the code reads ---------------------------------------------------------------
 
 _READERS = [
-    ("plain", r"\benv_(?:str|int|float|bool)\(\s*[\"']([A-Z][A-Z0-9_]*)[\"']"),
+    ("plain", r"\benv_(?:str|int|float|bool|dir)\(\s*[\"']([A-Z][A-Z0-9_]*)[\"']"),
     ("secret", r"\b(?:env_secret|require_secret)\(\s*[\"']([A-Z][A-Z0-9_]*)[\"']"),
     ("secret", r"\blocal_secret\([^,()]*,\s*[\"']([A-Z][A-Z0-9_]*)[\"']"),
     ("envvar", r"\bEnvVar(?:\.\w+)?\(\s*[\"']([A-Z][A-Z0-9_]*)[\"']"),
