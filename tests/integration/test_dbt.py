@@ -320,6 +320,28 @@ def test_marts_equal_direct_sql_and_every_dbt_test_passes(dbt_module, warehouse,
     assert silent[0] == "warn" and "silent_devices" in silent[1]
 
 
+def test_the_readme_psql_line_does_not_prompt(dbt_module, warehouse, tmp_path):
+    """README "Run by hand": after `export IOT_PG_PASSWORD=...`, psql runs without a
+    prompt (stdin closed here: a prompt would fail with "no password supplied")."""
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        assert materialize(dbt_module, instance).success
+    text = (ROOT / "README.md").read_text()
+    start = text.index('PGPASSWORD="$IOT_PG_PASSWORD" psql')
+    line = text[start : text.index("LIMIT 20", start) + len('LIMIT 20"')]
+    info = warehouse.info
+    uri = f"postgresql://{info.user}@{info.host}:{info.port}/{info.dbname}"
+    result = subprocess.run(
+        ["bash", "-c", line.replace("postgresql://iot@127.0.0.1:54329/iot", uri)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dbt-a" in result.stdout
+
+
 def test_a_broken_row_fails_its_dbt_test(dbt_module, warehouse, tmp_path):
     conn = warehouse
     # a health row for a device the registry does not know (health rows are written for
