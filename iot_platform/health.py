@@ -1,8 +1,12 @@
 """Device-health rules: one set-based query per rule, results kept in ``device_health``.
 
 Each rule returns the failing devices with numbers a person can act on. ``evaluate``
-writes one ``device_health`` row per registered device and rule (ok / warn / error), so
-the history is queryable even for devices that never fail.
+writes one ``device_health`` row per registered device and device rule (ok / warn /
+error), so the history is queryable even for devices that never fail, and keeps that
+history to its retention. A platform rule (``pipeline_lag``) reports the platform itself.
+Which clock each rule measures against is part of its definition (README, Device health):
+silence is judged against the newest receive time loaded, never the wall clock, so a
+lagging pipeline shows as ``pipeline_lag``, not as every device falling silent.
 """
 
 from __future__ import annotations
@@ -106,9 +110,6 @@ class HealthBounds:
                 for t in sorted(types)
             },
         )
-
-    def for_type(self, device_type: str) -> Bounds:
-        return self.by_type.get(device_type, self.generic)
 
 
 @dataclass(frozen=True)
