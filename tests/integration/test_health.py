@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -280,16 +281,21 @@ def test_invalid_iot_health_bounds_are_named(monkeypatch, bounds, message):
 
 def test_up_refuses_invalid_health_settings_before_starting_anything(stack_env):
     env = {**stack_env, "IOT_HEALTH_BOUNDS": '{"voltage_ac": [0, 30000'}
-    result = subprocess.run(
+    up = subprocess.Popen(
         [sys.executable, "-m", "iot_platform.cli", "up"],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=120,
-        check=False,
     )
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "iot-platform: error: IOT_HEALTH_BOUNDS is not valid JSON" in result.stderr
+    try:
+        _out, err = up.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        up.send_signal(signal.SIGINT)  # it is starting the stack: let it stop its children
+        _out, err = up.communicate(timeout=120)
+        pytest.fail(f"`up` started despite the bad setting:\n{err[-2000:]}")
+    assert up.returncode == 2, err[-2000:]
+    assert "iot-platform: error: IOT_HEALTH_BOUNDS is not valid JSON" in err
     assert not Path(env["IOT_HOME"]).exists()  # nothing was started or created
 
 
