@@ -26,18 +26,23 @@ def envelope(device_id: str, seq: int, ts: dt.datetime, values: dict[str, float]
 
 
 def telemetry_messages(
-    devices: list[str], start: dt.datetime, count: int, *, seed: int = 1, every_s: float = 10.0
+    devices: list[str],
+    start: dt.datetime,
+    count: int,
+    *,
+    seed: int = 1,
+    every_s: float = 10.0,
+    first_seq: int = 0,
 ) -> list[tuple[dt.datetime, str, bytes]]:
-    """(received_at, topic, payload) for ``count`` envelopes per device, ``every_s`` apart.
-
-    ``seq`` counts ``every_s`` intervals since the epoch, so it rises with time across
-    calls (DESIGN §4: monotonic per device) and the warehouse's (device_id, seq)
-    de-duplication keeps every message; the same instants give the same seq (a replay)."""
+    """(received_at, topic, payload) for ``count`` envelopes per device, ``every_s`` apart,
+    with seq ``first_seq``, ``first_seq + 1``, ... The warehouse de-duplicates on
+    (device_id, seq) across batches: several calls for the same devices that mean new
+    messages must continue the seq (DESIGN §4: monotonic per device), not restart it."""
     rng = random.Random(seed)
     out = []
     for n in range(count):
         ts = start + dt.timedelta(seconds=n * every_s)
-        seq = int(ts.timestamp() // every_s)
+        seq = first_seq + n
         for device_id in devices:
             values = {m: round(rng.uniform(lo, hi), 2) for m, (lo, hi) in METRICS.items()}
             out.append(

@@ -45,7 +45,11 @@ def _fill_hours(store, seq0: int = 0, hours: tuple[str, ...] = HOURS) -> list[st
         start = dt.datetime.strptime(hour, "%Y-%m-%d-%H:%M").replace(tzinfo=dt.UTC)
         for b in range(3):
             messages = telemetry_messages(
-                DEVICES, start + dt.timedelta(minutes=15 * b), 30, seed=h * 10 + b
+                DEVICES,
+                start + dt.timedelta(minutes=15 * b),
+                30,
+                seed=h * 10 + b,
+                first_seq=(h * 3 + b) * 30,  # new messages: seq goes on across batches
             )
             keys.append(put_batch(store, messages, seq=seq0 + h * 3 + b).key)
     return keys
