@@ -1,5 +1,5 @@
 # The platform image: one image for every service of ours in docker-compose.yml
-# (pki-init, dagster-code, dagster-webserver, dagster-daemon, ingest).
+# (pki-init, dagster-code, dagster-analytics, dagster-webserver, dagster-daemon, ingest).
 #
 #   docker compose build        # or: docker build -t iot-platform:local .
 #

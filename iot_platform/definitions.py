@@ -1,11 +1,12 @@
-"""The single Dagster code location of the platform (see ``workspace.yaml``)."""
+"""The platform's Dagster code location (``iot_platform``, see ``workspace.yaml``): ingest,
+warehouse, health and PKI. The analysts' dbt marts are the ``iot_analytics`` location
+(``iot_platform.analytics_definitions``), so load runs never import dbt."""
 
 from __future__ import annotations
 
 import dagster as dg
 
 from iot_platform.defs.assets import load, pki, rollups
-from iot_platform.defs.assets.dbt import analytics_dbt_models, dbt_build_schedule, dbt_resource
 from iot_platform.defs.checks import device_health_checks, device_health_job, device_health_schedule
 from iot_platform.defs.enrollment import enroll_device, revoke_certificate
 from iot_platform.defs.jobs import load_job
@@ -19,7 +20,6 @@ defs = dg.Definitions(
         *dg.load_assets_from_modules([rollups]),
         pki.crl,
         pki.device_certificates,
-        analytics_dbt_models,
     ],
     asset_checks=[
         device_health_checks,
@@ -29,8 +29,8 @@ defs = dg.Definitions(
     ],
     jobs=[load_job, device_health_job, enroll_device, revoke_certificate, pki.crl_refresh_job],
     sensors=[raw_batch_sensor],
-    schedules=[device_health_schedule, pki.crl_refresh_schedule, dbt_build_schedule],
-    resources={**build_resources(), "dbt": dbt_resource},
+    schedules=[device_health_schedule, pki.crl_refresh_schedule],
+    resources=build_resources(),
     # One process per run, not per step: on a small machine a subprocess per step (each
     # importing Dagster, Polars and the definitions) was most of the publish->query delay.
     executor=dg.in_process_executor,

@@ -136,17 +136,22 @@ def object_store_resource(settings: PlatformSettings) -> ObjectStoreResource:
     return ObjectStoreResource(backend="local", local_dir=str(settings.local_store_dir))
 
 
+def warehouse_resource() -> WarehouseResource:
+    """The warehouse from IOT_PG_* (the dbt profile reads the same variables)."""
+    return WarehouseResource(
+        host=dg.EnvVar("IOT_PG_HOST"),
+        port=dg.EnvVar.int("IOT_PG_PORT"),
+        user=dg.EnvVar("IOT_PG_USER"),
+        password=dg.EnvVar("IOT_PG_PASSWORD"),
+        dbname=dg.EnvVar("IOT_PG_DB"),
+    )
+
+
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     settings = PlatformSettings.from_env()
     return {
         "object_store": object_store_resource(settings),
-        "warehouse": WarehouseResource(
-            host=dg.EnvVar("IOT_PG_HOST"),
-            port=dg.EnvVar.int("IOT_PG_PORT"),
-            user=dg.EnvVar("IOT_PG_USER"),
-            password=dg.EnvVar("IOT_PG_PASSWORD"),
-            dbname=dg.EnvVar("IOT_PG_DB"),
-        ),
+        "warehouse": warehouse_resource(),
         "pki": PKIResource(
             certs_dir=str(settings.certs_dir),
             ca_passphrase=dg.EnvVar("IOT_CA_PASSPHRASE"),

@@ -51,6 +51,7 @@ EXPECTED_SERVICES = {
     "pki-init",
     "mosquitto",
     "dagster-code",
+    "dagster-analytics",
     "dagster-webserver",
     "dagster-daemon",
     "ingest",
@@ -71,6 +72,9 @@ FLOOR = {
     "IOT_S3_ACCESS_KEY",
     "IOT_S3_SECRET_KEY",
 }
+# Code location (workspace.yaml) -> the compose service serving it over gRPC.
+CODE_SERVERS = {"iot_platform": "dagster-code", "iot_analytics": "dagster-analytics"}
+DAGSTER_SERVICES = (*CODE_SERVERS.values(), "dagster-webserver", "dagster-daemon")
 # Names the code reads that compose deliberately does not set, and why.
 NOT_IN_COMPOSE = {
     "IOT_PG_BINDIR": "embedded stack only (initdb/postgres binaries on the host)",
@@ -531,6 +535,7 @@ def required_env(code: CodeEnv) -> dict[str, set[str]]:
         | {"INGEST_METRICS_HOST", "INGEST_METRICS_PORT"},
         "dagster-code": {"IOT_HOME", "IOT_CERTS_DIR", "IOT_OBJECT_STORE", "IOT_CA_PASSPHRASE"}
         | {*s3, *pg, *code.instance, *code.envvars},
+        "dagster-analytics": {*pg, *code.instance},
         "dagster-webserver": set(code.instance),
         "dagster-daemon": set(code.instance),
     }
@@ -557,7 +562,7 @@ def test_services_get_every_variable_the_code_needs(services, code):
         assert not missing, f"{service_name} lacks {missing}"
         for name in names & code.envvars:
             assert env.get(name), f"{service_name}: dg.EnvVar({name!r}) needs {name} inline"
-    for service_name in ("dagster-code", "dagster-webserver", "dagster-daemon"):
+    for service_name in DAGSTER_SERVICES:
         env = environment(services[service_name])
         assert env.get("DAGSTER_HOME"), f"{service_name}: DAGSTER_HOME (dagster.yaml) not set"
     for name in NOT_IN_COMPOSE:
@@ -581,13 +586,14 @@ def test_services_get_no_variable_that_no_code_reads(services, code):
 def test_connection_settings_agree_between_services(services):
     db = environment(services["timescaledb"])
     minio_init = environment(services["minio-init"])
-    for name in ("dagster-code", "dagster-webserver", "dagster-daemon"):
+    for name in DAGSTER_SERVICES:
         env = environment(services[name])
         assert env["IOT_PG_HOST"] == "timescaledb" and env["IOT_PG_PORT"] == "5432", name
         assert env["IOT_PG_USER"] == db["POSTGRES_USER"], name
         assert env["IOT_PG_PASSWORD"] == db["POSTGRES_PASSWORD"], name
         assert env["IOT_DAGSTER_DB"] == db["IOT_DAGSTER_DB"], name
-    assert environment(services["dagster-code"])["IOT_PG_DB"] == db["POSTGRES_DB"]
+    for name in CODE_SERVERS.values():
+        assert environment(services[name])["IOT_PG_DB"] == db["POSTGRES_DB"], name
     minio_ports = {str(p).rsplit(":", 1)[-1] for p in services["minio"].get("ports", [])}
     for name in ("dagster-code", "ingest"):
         env = environment(services[name])
@@ -679,17 +685,21 @@ def test_mosquitto_reads_what_pki_init_renders(services, broker_args):
 # ---- Dagster ---------------------------------------------------------------------------
 
 
-def test_dagster_services_agree_on_the_code_location(services):
+def test_dagster_services_agree_on_the_code_locations(services):
     embedded = yaml.safe_load((ROOT / "workspace.yaml").read_text())["load_from"]
-    (module_entry,) = [entry["python_module"] for entry in embedded]
-    code_server = command(services["dagster-code"])
-    assert code_server[:3] == ["dagster", "code-server", "start"]
-    assert option(code_server, "-m", "--module-name") == module_entry["module_name"]
-    assert option(code_server, "--location-name") == module_entry["location_name"]
-    port = option(code_server, "-p", "--port")
-    # reachable from the webserver and daemon containers, not only on its own loopback
-    assert option(code_server, "-h", "--host") == "0.0.0.0"  # noqa: S104
-    assert option(services["dagster-code"]["healthcheck"]["test"], "-p") == port
+    modules = {e["python_module"]["location_name"]: e["python_module"] for e in embedded}
+    assert set(modules) == set(CODE_SERVERS)
+    ports = {}
+    for location, service_name in CODE_SERVERS.items():
+        code_server = command(services[service_name])
+        assert code_server[:3] == ["dagster", "code-server", "start"]
+        assert option(code_server, "-m", "--module-name") == modules[location]["module_name"]
+        assert option(code_server, "--location-name") == location
+        ports[location] = option(code_server, "-p", "--port")
+        # reachable from the webserver and daemon containers, not only on its own loopback
+        assert option(code_server, "-h", "--host") == "0.0.0.0"  # noqa: S104
+        healthcheck = services[service_name]["healthcheck"]["test"]
+        assert option(healthcheck, "-p") == ports[location]
 
     for name in ("dagster-webserver", "dagster-daemon"):
         service = services[name]
@@ -697,13 +707,17 @@ def test_dagster_services_agree_on_the_code_location(services):
         mount = mount_for(service, workspace_path)
         assert mount and mount.kind == "bind" and mount.target == workspace_path, name
         workspace = yaml.safe_load((COMPOSE_FILE.parent / mount.source).read_text())
-        (entry,) = [e["grpc_server"] for e in workspace["load_from"]]
-        assert entry["host"] == "dagster-code" and str(entry["port"]) == port, name
-        assert entry["location_name"] == module_entry["location_name"], name
+        entries = {
+            e["grpc_server"]["location_name"]: e["grpc_server"] for e in workspace["load_from"]
+        }
+        assert set(entries) == set(CODE_SERVERS), name
         depends = service.get("depends_on") or {}
-        assert depends.get("dagster-code", {}).get("condition") == "service_healthy", name
+        for location, entry in entries.items():
+            host = CODE_SERVERS[location]
+            assert entry["host"] == host and str(entry["port"]) == ports[location], name
+            assert depends.get(host, {}).get("condition") == "service_healthy", name
 
-    for name in ("dagster-code", "dagster-webserver", "dagster-daemon"):
+    for name in DAGSTER_SERVICES:
         service = services[name]
         home = PurePosixPath(environment(service)["DAGSTER_HOME"])
         mount = mount_for(service, home / "dagster.yaml")
