@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 import secrets
@@ -110,7 +111,8 @@ def test_up_serves_every_service_and_ctrl_c_leaves_no_process(stack_env):
                 {
                     "v": 2,
                     "device_id": device_id,
-                    "ts": "2026-11-22T10:00:00Z",
+                    # device time must be plausible against receive time (ts_out_of_range)
+                    "ts": dt.datetime.now(dt.UTC).isoformat(),
                     "seq": 1,
                     "msg_type": "telemetry",
                     "measurements": [{"type": "voltage_dc", "val": 756.3}],
