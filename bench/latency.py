@@ -14,57 +14,22 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import shutil
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psycopg
 
-from iot_platform.pki import CertificateAuthority
-from iot_platform.services.process import free_port
 from iot_platform.simulator import Fleet, SimDevice
 
-READY = "IoT platform is up"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embedded import EmbeddedStack
 
 
 def progress(message: str) -> None:
     print(f"[latency] {message}", file=sys.stderr, flush=True)
-
-
-def start_stack(home: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("IOT_", "INGEST_"))}
-    env.update(
-        IOT_HOME=str(home / "state"),
-        IOT_CERTS_DIR=str(home / "certs"),
-        IOT_PG_PORT=str(free_port()),
-        IOT_BROKER_PORT=str(free_port()),
-        IOT_DAGSTER_PORT=str(free_port()),
-        INGEST_METRICS_PORT=str(free_port()),
-        IOT_SIMULATOR_DEVICES="0",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "iot_platform.cli", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 300
-    for line in proc.stdout:
-        if READY in line:
-            return proc, env
-        if time.monotonic() > deadline:
-            break
-    proc.kill()
-    raise RuntimeError("iot-platform up did not become ready")
 
 
 def main() -> int:
@@ -74,40 +39,22 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between messages")
     args = parser.parse_args()
 
-    home = Path(tempfile.mkdtemp(prefix="iot-bench-latency-"))
-    home.chmod(0o755)
-    proc = None
+    stack = EmbeddedStack("latency")
     try:
         progress("starting the embedded stack")
-        proc, env = start_stack(home)
-        state = Path(env["IOT_HOME"])
-        ca = CertificateAuthority(
-            Path(env["IOT_CERTS_DIR"]), (state / "secrets" / "ca_passphrase").read_text().strip()
-        )
-        conninfo = psycopg.conninfo.make_conninfo(
-            host="127.0.0.1",
-            port=int(env["IOT_PG_PORT"]),
-            user="iot",
-            dbname="iot",
-            password=(state / "secrets" / "pg_password").read_text().strip(),
-        )
+        stack.start()
+        ca, conninfo = stack.ca, stack.conninfo
         devices = [
             SimDevice(
                 f"lat-{n:03d}", "meter-dc", send_interval_s=args.interval, hello_interval_s=3600
             )
             for n in range(args.devices)
         ]
-        with psycopg.connect(conninfo, autocommit=True) as conn:
-            conn.execute(
-                "INSERT INTO devices (device_id) SELECT unnest(%s::text[])",
-                [[d.device_id for d in devices]],
-            )
-        for device in devices:
-            ca.issue_device_certificate(device.device_id)
+        stack.register_devices([d.device_id for d in devices])
         fleet = Fleet(
             devices,
             host="127.0.0.1",
-            port=int(env["IOT_BROKER_PORT"]),
+            port=stack.broker_port,
             ca_file=ca.ca_cert_path,
             credentials=lambda d: ca.device_paths(d.device_id),
         )
@@ -148,13 +95,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(home, ignore_errors=True)
+        stack.stop()
 
 
 if __name__ == "__main__":
