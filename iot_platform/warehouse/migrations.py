@@ -259,12 +259,24 @@ HEALTH_HISTORY_AGE = Migration(
     """,
 )
 
+STATUS_BY_RECEIVE_TIME = Migration(
+    6,
+    "device status events by receive time",
+    # Presence is the status received last (a last will carries the connect time): the
+    # silent_devices rule looks up each device's newest status by received_at.
+    common="""
+    CREATE INDEX device_events_status_received ON device_events (device_id, received_at)
+        WHERE msg_type = 'status';
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE,
     TIME_BUCKET,
     DEVICE_ID_CASE,
     MESSAGE_SEQ_INDEX,
     HEALTH_HISTORY_AGE,
+    STATUS_BY_RECEIVE_TIME,
 )
 
 
