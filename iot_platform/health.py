@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import psycopg
@@ -119,9 +119,9 @@ class HealthSettings:
     duplicate_rate: float
     reject_rate: float
     bounds: HealthBounds
+    pipeline_lag: dt.timedelta
+    retention: dt.timedelta  # of device_health history
     cert_expiry: dt.timedelta = dt.timedelta(days=30)
-    pipeline_lag: dt.timedelta = dt.timedelta(minutes=2)
-    retention: dt.timedelta = dt.timedelta(days=30)
 
     @classmethod
     def from_env(cls) -> HealthSettings:
@@ -262,7 +262,8 @@ def _device_overrides(conn: psycopg.Connection) -> tuple[dict[str, Bounds], dict
     return overrides, invalid
 
 
-def _bound_rows(subjects: dict[str | None, Bounds]) -> dict[str, list]:
+def _bound_rows(subjects: Mapping[str, Bounds] | Mapping[str | None, Bounds]) -> dict[str, list]:
+    """Bounds as parallel arrays (key, metric, low, high) for an ``unnest`` in SQL."""
     rows = [(k, m, lo, hi) for k, bounds in subjects.items() for m, (lo, hi) in bounds.items()]
     return {
         "key": [r[0] for r in rows],
@@ -279,7 +280,7 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
     its type's bounds): an operator mistake is a finding, never a failed evaluation."""
     overrides, invalid = _device_overrides(conn)
     by_type = _bound_rows({None: s.bounds.generic, **s.bounds.by_type})
-    own = _bound_rows(dict(overrides))
+    own = _bound_rows(overrides)
     found = dict(
         _rows(
             conn,
