@@ -11,13 +11,15 @@ import psycopg
 import pytest
 
 from iot_platform.defs.assets import load, rollups
+from iot_platform.defs.assets.keys import TELEMETRY_1D, TELEMETRY_1H, TELEMETRY_1M
+from iot_platform.defs.checks import device_health_checks, device_health_job
 from iot_platform.defs.jobs import load_job
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.defs.sensors import raw_batch_sensor
 from iot_platform.discovery import Cursor, discover
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
 from iot_platform.rawbatch import BatchKey
-from tests.warehouse_data import put_batch, telemetry_messages
+from tests.warehouse_data import envelope, put_batch, telemetry_messages
 
 pytestmark = pytest.mark.integration
 
@@ -270,3 +272,43 @@ def test_sensor_holds_new_keys_while_the_hours_run_is_in_flight(resources):
     assert [(r.partition_key, _manifest(r)) for r in released.run_requests] == [(partition, later)]
     assert Cursor.loads(released.cursor).pending == {}
     assert not tick(released.cursor).run_requests  # each key requested exactly once
+
+
+def test_an_out_of_range_device_never_holds_back_the_rollups(resources, tmp_path):
+    """Health is off the data path: the load job refreshes all three rollups whatever a
+    device reads, and device_health_job (its own run) reports the device."""
+    store = resources["object_store"].store()
+    start = dt.datetime.now(dt.UTC).replace(second=0, microsecond=0) - dt.timedelta(minutes=5)
+    messages = telemetry_messages(DEVICES[:2], start, 5)
+    # 99 kV on a DC meter: outside any device type's bounds (the protocol's reach ~4 kV).
+    wild = envelope(DEVICES[3], 1, start, {"voltage_dc": 99_000.0})
+    messages.append((start + dt.timedelta(seconds=1), f"iot/{DEVICES[3]}/telemetry", wild))
+    key = put_batch(store, messages, seq=1).key
+    partition = BatchKey.parse(key).partition_key
+    defs = dg.Definitions(
+        assets=ASSETS,
+        asset_checks=[device_health_checks],
+        jobs=[load_job, device_health_job],
+        resources=resources,
+    )
+    config = {"ops": {"load_raw_batches": {"config": {"batch_keys": [key]}}}}
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        loaded = defs.resolve_job_def(load_job.name).execute_in_process(
+            partition_key=partition, run_config=config, instance=instance
+        )
+        assert loaded.success
+        refreshed = {event.asset_key for event in loaded.get_asset_materialization_events()}
+        assert {TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D} <= refreshed
+        assert not loaded.get_asset_check_evaluations()  # no health check inside a load
+
+        health = defs.resolve_job_def(device_health_job.name).execute_in_process(
+            instance=instance, raise_on_error=False
+        )
+    (evaluation,) = [
+        e for e in health.get_asset_check_evaluations() if e.check_name == "values_out_of_range"
+    ]
+    assert not evaluation.passed
+    assert evaluation.metadata["failing_device_ids"].value == [DEVICES[3]]
+    with resources["warehouse"].connect() as conn:
+        devices_1d = {row[0] for row in conn.execute("SELECT DISTINCT device_id FROM telemetry_1d")}
+    assert devices_1d == {*DEVICES[:2], DEVICES[3]}
