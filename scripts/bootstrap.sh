@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything the platform needs on a fresh Debian 12 machine, idempotently:
-# apt packages (mosquitto, postgresql), the Python venv at .venv/, and — with --dev —
-# the test tools and the TimescaleDB test double's node packages.
+# apt packages (mosquitto, postgresql), the Python venv at .venv/ from the lock in
+# requirements/ (runtime.txt; dev.txt with --dev, which adds the test tools), and — with
+# --dev — the TimescaleDB test double's node packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,10 +32,17 @@ if [[ ! -x .venv/bin/python ]]; then
   echo "==> creating .venv"
   "$PYTHON" -m venv .venv
 fi
-extras=""
-(( DEV )) && extras="[dev]"
-echo "==> pip install -e .${extras}"
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extras}"
+# The locked set first (scripts/lock.sh makes it from pyproject.toml), then the project
+# itself without dependencies, so nothing unlocked sneaks in; pip check then fails if the
+# lock no longer satisfies pyproject.toml (a range changed without re-locking).
+lock=requirements/runtime.txt
+(( DEV )) && lock=requirements/dev.txt
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+echo "==> pip install -r ${lock}"
+"${pip[@]}" install -q -r "$lock"
+echo "==> pip install --no-deps -e ."
+"${pip[@]}" install -q --no-deps -e .
+"${pip[@]}" check
 
 # The dbt manifest the Dagster code location loads (iot_platform/defs/assets/dbt.py) is
 # made here, at setup time, never while the code location loads. No database needed.
