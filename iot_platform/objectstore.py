@@ -231,6 +231,14 @@ class S3Store:
             return ObjectStoreError(f"{self.describe()}: {action} {key}: {exc.code} {exc.message}")
         return ObjectStoreUnavailable(f"{self.describe()}: {action} {key}: {exc}")
 
+    def _modified(self, value: datetime | None, action: str, key: str) -> datetime:
+        """S3 always sends Last-Modified; the SDK types it optional. An answer without it
+        is a broken server, reported as such rather than stored as an ObjectInfo whose
+        ``last_modified`` is None despite its type."""
+        if value is None:
+            raise ObjectStoreError(f"{self.describe()}: {action} {key}: no Last-Modified")
+        return value
+
     def ensure_ready(self) -> None:
         try:
             if not self.client.bucket_exists(self.bucket):
@@ -270,7 +278,8 @@ class S3Store:
             obj = self.client.stat_object(self.bucket, key)
         except (MinioException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._fail("stat", key, exc) from exc
-        return ObjectInfo(key, obj.size or 0, (obj.etag or "").strip('"'), obj.last_modified)
+        modified = self._modified(obj.last_modified, "stat", key)
+        return ObjectInfo(key, obj.size or 0, (obj.etag or "").strip('"'), modified)
 
     def list(
         self, prefix: str = "", start_after: str | None = None, limit: int | None = None
@@ -288,7 +297,7 @@ class S3Store:
                         obj.object_name,
                         obj.size or 0,
                         (obj.etag or "").strip('"'),
-                        obj.last_modified,
+                        self._modified(obj.last_modified, "list", obj.object_name),
                     )
                 )
                 if limit is not None and len(out) >= limit:

@@ -33,11 +33,14 @@ def crl(
     with warehouse.connect() as conn:
         signed = publish_crl(conn, ca, crl_days=pki.crl_days)
     _denied, broker_action = publish_to_broker(context, broker, ca.certs_dir, warehouse)
-    until = f"{signed.next_update_utc:%Y-%m-%d %H:%M}Z"
+    next_update = signed.next_update_utc
+    if next_update is None:  # write_crl always sets one; a CRL without it would never expire
+        raise dg.Failure(f"the CRL signed at {ca.crl_path} has no nextUpdate")
+    until = f"{next_update:%Y-%m-%d %H:%M}Z"
     context.log.info(f"CRL re-signed until {until}; {broker_action}")
     return dg.MaterializeResult(
         metadata={
-            "next_update": signed.next_update_utc.isoformat(),
+            "next_update": next_update.isoformat(),
             "revoked_entries": len(signed),
             "path": dg.MetadataValue.path(str(ca.crl_path)),
             "broker": broker_action,
@@ -76,7 +79,7 @@ def crl_not_expiring(pki: PKIResource) -> dg.AssetCheckResult:
 )
 def device_certificates(warehouse: WarehouseResource) -> dg.MaterializeResult:
     with warehouse.connect() as conn:
-        active, revoked, expired, devices = conn.execute(
+        counts = conn.execute(
             """
             SELECT count(*) FILTER (WHERE revoked_at IS NULL AND not_after > now()),
                    count(*) FILTER (WHERE revoked_at IS NOT NULL),
@@ -85,6 +88,8 @@ def device_certificates(warehouse: WarehouseResource) -> dg.MaterializeResult:
               FROM device_certificates
             """
         ).fetchone()
+    assert counts is not None  # aggregates without GROUP BY return one row
+    active, revoked, expired, devices = counts
     return dg.MaterializeResult(
         metadata={
             "active": active,
