@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -77,7 +78,7 @@ class IngestDaemon:
         self._connected = threading.Event()
         self._ratelog = RateLimitedLog()
         self._threads: list[threading.Thread] = []
-        self._http = None
+        self._http: ThreadingHTTPServer | None = None
         self.client = self._make_client()
         self._reader = PublishReader.install(self.client, self._on_publishes)
         self.metrics.fast_path.set(1 if self._reader is not None else 0)
@@ -269,6 +270,7 @@ class IngestDaemon:
     def _flusher(self) -> None:
         tick = min(self.settings.max_age_s / 4, 0.25)
         while not self._stop.is_set():
+            batch: Batch | None
             try:
                 batch = self._batches.get(timeout=tick)
             except queue.Empty:

@@ -7,6 +7,7 @@ writes the same key (a replay overwrites, never duplicates).
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 from collections.abc import Iterator
@@ -57,7 +58,8 @@ class Spool:
     def has_room_for(self, size: int) -> bool:
         return self._bytes + size <= self.max_bytes
 
-    def save(self, key: str, data: bytes) -> bool:
+    # builtins.bytes: inside this class, `bytes` names the property above.
+    def save(self, key: str, data: builtins.bytes) -> bool:
         """Durably store one batch; False (nothing written) when the budget would be exceeded."""
         with self._lock:
             if not self.has_room_for(len(data)):

@@ -93,7 +93,7 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -102,6 +102,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.json as pajson
+from polars.datatypes import DataTypeClass
 
 from iot_platform.topics import routing_pattern, v2_kinds
 
@@ -118,7 +119,14 @@ DEFAULT_MAX_PAYLOAD_BYTES = 256 * 1024
 PARAMETER_ENCODINGS = ("boolean", "boolean_map", "hex_to_float", "raw_string")
 
 UTC_US = pl.Datetime("us", "UTC")
-TELEMETRY_SCHEMA = pl.Schema(
+
+
+def _schema(columns: dict[str, pl.DataType | DataTypeClass]) -> pl.Schema:
+    """A schema whose columns mix dtype instances (UTC_US) and classes (pl.String)."""
+    return pl.Schema(columns)
+
+
+TELEMETRY_SCHEMA = _schema(
     {
         "ts": UTC_US,
         "device_id": pl.String,
@@ -129,7 +137,7 @@ TELEMETRY_SCHEMA = pl.Schema(
         "seq": pl.Int64,  # the v2 envelope's (cross-batch de-duplication); null otherwise
     }
 )
-MESSAGES_SCHEMA = pl.Schema(
+MESSAGES_SCHEMA = _schema(
     {
         "device_id": pl.String,
         "seq": pl.Int64,
@@ -138,7 +146,7 @@ MESSAGES_SCHEMA = pl.Schema(
         "msg_type": pl.String,
     }
 )
-EVENTS_SCHEMA = pl.Schema(
+EVENTS_SCHEMA = _schema(
     {
         "ts": UTC_US,
         "device_id": pl.String,
@@ -148,7 +156,7 @@ EVENTS_SCHEMA = pl.Schema(
         "received_at": UTC_US,
     }
 )
-REJECTS_SCHEMA = pl.Schema(
+REJECTS_SCHEMA = _schema(
     {
         "received_at": UTC_US,
         "topic": pl.String,
@@ -527,7 +535,7 @@ class _Collector:
             )
 
     def reject_where(
-        self, rows: pl.DataFrame, checks: list[tuple[pl.Expr, str, pl.Expr]]
+        self, rows: pl.DataFrame, checks: Sequence[tuple[pl.Expr, str, pl.Expr]]
     ) -> pl.DataFrame:
         """Reject rows by the first failing check; return the rows that pass them all."""
         reason, detail = _first_failure(checks)
@@ -612,7 +620,7 @@ def _concat(parts: list[pl.DataFrame], schema: dict[str, Any]) -> pl.DataFrame:
     )
 
 
-def _first_failure(checks: list[tuple[pl.Expr, Any, Any]]) -> tuple[pl.Expr, pl.Expr]:
+def _first_failure(checks: Sequence[tuple[pl.Expr, Any, Any]]) -> tuple[pl.Expr, pl.Expr]:
     """(reason, detail) expressions of the first check whose condition holds, else null."""
 
     def lit(value: Any) -> pl.Expr:
@@ -722,9 +730,14 @@ def _ts_checks(
 
 
 def _decode_v2(rows: pl.DataFrame, out: _Collector, ts_window: TsWindow) -> None:
-    group_of = pl.when(pl.col("kind") == "telemetry").then(pl.lit("telemetry"))
-    group_of = group_of.when(pl.col("kind") == "status").then(pl.lit("status"))
-    rows = rows.with_columns(_group=group_of.otherwise(pl.lit("event")))
+    group_of = (
+        pl.when(pl.col("kind") == "telemetry")
+        .then(pl.lit("telemetry"))
+        .when(pl.col("kind") == "status")
+        .then(pl.lit("status"))
+        .otherwise(pl.lit("event"))
+    )
+    rows = rows.with_columns(_group=group_of)
     for group in ("telemetry", "status", "event"):
         part = rows.filter(pl.col("_group") == group)
         if not part.height:
@@ -1170,13 +1183,13 @@ def _read_duplicate(obj: dict[str, Any], group: str) -> str | None:
     """A duplicated key among the fields the decoder reads (envelope, measurements), or
     None: the ones the vectorised parser refuses too, whichever path a payload takes."""
     envelope = {field for field, _ in _GROUP_SPECS[group]}
-    for key in sorted(getattr(obj, "duplicates", frozenset()) & envelope):
+    for key in sorted(getattr(obj, "duplicates", frozenset[str]()) & envelope):
         return key
     items = obj.get("measurements") if "measurements" in envelope else None
     if isinstance(items, list):
         fields = {field for field, _ in _MEASUREMENT}
         for item in items:
-            for key in sorted(getattr(item, "duplicates", frozenset()) & fields):
+            for key in sorted(getattr(item, "duplicates", frozenset[str]()) & fields):
                 return key
     return None
 

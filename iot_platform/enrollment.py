@@ -253,10 +253,12 @@ def revoke(
     with conn.transaction():
         revoked = _revoke_rows(conn, ca, where, params, reason, actor, crl_days=crl_days)
         if not revoked:
-            known = conn.execute(
+            counted = conn.execute(
                 f"SELECT count(*) FROM device_certificates WHERE {where}",  # noqa: S608 - fixed SQL
                 params,
-            ).fetchone()[0]
+            ).fetchone()
+            assert counted is not None  # an aggregate without GROUP BY returns one row
+            known = counted[0]
             target = f"serial {params[0]}" if serial else f"device {params[0]}"
             raise EnrollmentError(
                 f"{target} has no active certificate to revoke"

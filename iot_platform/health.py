@@ -50,10 +50,12 @@ HISTORY_PRUNE_BATCH = 50_000  # device_health rows deleted per evaluation at mos
 
 def _pair(value: object, where: str) -> tuple[float, float]:
     """``[min, max]``: two finite JSON numbers (ints or floats), min <= max, as floats."""
-    numbers = isinstance(value, list) and len(value) == 2
-    numbers = numbers and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    pair = value if isinstance(value, list) and len(value) == 2 else []
+    numbers = bool(pair) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in pair
+    )
     try:
-        low, high = (float(value[0]), float(value[1])) if numbers else (math.nan, math.nan)
+        low, high = (float(pair[0]), float(pair[1])) if numbers else (math.nan, math.nan)
     except OverflowError:  # an integer beyond a double
         low = high = math.nan
     if not (math.isfinite(low) and math.isfinite(high)):
@@ -279,7 +281,9 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
     A device whose metadata override is invalid is reported with the reason (and judged by
     its type's bounds): an operator mistake is a finding, never a failed evaluation."""
     overrides, invalid = _device_overrides(conn)
-    by_type = _bound_rows({None: s.bounds.generic, **s.bounds.by_type})
+    type_bounds: dict[str | None, Bounds] = {None: s.bounds.generic}
+    type_bounds.update(s.bounds.by_type.items())
+    by_type = _bound_rows(type_bounds)
     own = _bound_rows(overrides)
     found = dict(
         _rows(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -14,7 +15,7 @@ def tls_client(
     ca_file: Path,
     cert_file: Path | None,
     key_file: Path | None,
-    **kwargs: object,
+    **kwargs: Any,  # passed through to paho's Client (e.g. transport)
 ) -> mqtt.Client:
     """An MQTT v5 client that verifies the broker against the platform CA and presents
     its own certificate (mutual TLS). ``cert_file=None`` makes a client without one."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+from collections.abc import Iterable
 
 import psycopg
 
@@ -23,7 +24,7 @@ from iot_platform.simulator import CONTROLLER_PARAMETERS, FAULTS, Fleet, FleetRe
 log = logging.getLogger(__name__)
 
 
-def parse_faults(specs: list[str]) -> dict[int, set[str]]:
+def parse_faults(specs: Iterable[str]) -> dict[int, set[str]]:
     """``["1=skew", "3=gap,duplicate"]`` -> {1: {"skew"}, 3: {"gap", "duplicate"}}."""
     faults: dict[int, set[str]] = {}
     for spec in specs:

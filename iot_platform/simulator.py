@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("meter-dc", "meter-ac", "sensor", "controller")
 FAULTS = ("gap", "duplicate", "malformed", "skew", "silence")
-METER_METRICS = {
+METER_METRICS: dict[str, dict[str, tuple[float, float, str]]] = {
     "meter-dc": {
         "voltage_dc": (700, 800, "V"),
         "current_dc": (5, 40, "A"),

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import cast
 
 import polars as pl
 import psycopg
@@ -212,7 +213,12 @@ def load_frames(
     # The rollups are over telemetry only: its ts range is the refresh window (an old
     # status, e.g. a last will with the connect time, must not widen it).
     times = frames.telemetry.get_column("ts")
-    min_ts, max_ts = (times.min(), times.max()) if len(times) else (None, None)
+    # ts is a Datetime column (TELEMETRY_SCHEMA): its min and max are datetimes.
+    min_ts, max_ts = (
+        (cast(dt.datetime, times.min()), cast(dt.datetime, times.max()))
+        if len(times)
+        else (None, None)
+    )
     with conn.transaction():
         # A crash may lose this commit, and then its ledger row too: the batch is simply
         # loaded again. Not waiting for the WAL flush makes each batch's commit cheap.
@@ -225,12 +231,14 @@ def load_frames(
             batch_id, old_min, old_max = previous
             _delete_batch(conn, batch_id, old_min, old_max)
         else:
-            batch_id = conn.execute(
+            inserted = conn.execute(
                 """INSERT INTO ingest_batches (object_key, partition_key, raw_rows, telemetry_rows,
                        event_rows, reject_rows, duplicate_rows)
                    VALUES (%s, %s, 0, 0, 0, 0, 0) RETURNING batch_id""",
                 [info.key, partition_key],
-            ).fetchone()[0]
+            ).fetchone()
+            assert inserted is not None  # INSERT ... RETURNING of one row returns one row
+            batch_id = inserted[0]
             old_min = old_max = None
         telemetry, repeated = _drop_claimed(conn, frames, batch_id, claim_window)
         duplicates = frames.duplicates + repeated
@@ -518,8 +526,9 @@ def device_activity(raw: pa.Table, frames: DecodedFrames) -> pl.DataFrame:
         ]
     )
     if pc.any(raw.column("retain")).as_py():
+        # from_arrow of a Table is a DataFrame (a Series comes only from an Array).
         live = (
-            pl.from_arrow(raw.select(["received_at", "topic", "retain"]))
+            cast(pl.DataFrame, pl.from_arrow(raw.select(["received_at", "topic", "retain"])))
             .filter(~pl.col("retain"))
             .select(
                 pl.col("topic")

@@ -136,7 +136,7 @@ def load_raw_batches(
     for load in loads:
         rejects.update(load.rejects_by_reason)
     times = [t for load in loads for t in (load.min_ts, load.max_ts) if t is not None]
-    common = {
+    common: dict[str, str | int | float] = {
         "batches": len(loads),
         "reloaded_batches": sum(load.reloaded for load in loads),
         "mode": mode,
