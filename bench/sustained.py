@@ -218,9 +218,10 @@ EVENTS_QUERY = """query($runId: ID!) { logsForRun(runId: $runId) {
 
 
 def run_breakdown(url: str, after: float, sample: int = 20) -> dict:
-    """Where a load run's seconds go, averaged over the last ``sample`` runs: waiting in
-    the queue (created -> dequeued), launch (dequeued -> the run process has loaded the
-    code and starts), the load step, the three rollup steps, and the run's end."""
+    """Where a load run's seconds go, averaged over the last ``sample`` runs: in the queue
+    (created by the sensor -> dequeued), launch (dequeued -> the run process has started
+    Python, imported the code location and begins: RUN_START), init (-> the load step
+    starts: resources, log capture), the load step, the three rollup steps, and the end."""
 
     def graphql(query: str, **variables: object) -> dict:
         response = requests.post(
@@ -233,20 +234,21 @@ def run_breakdown(url: str, after: float, sample: int = 20) -> dict:
     parts: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         events = graphql(EVENTS_QUERY, runId=run["runId"])["logsForRun"]["events"]
-        at = {e["__typename"]: int(e["timestamp"]) / 1000 for e in events if "timestamp" in e}
-        dequeued = at.get("RunDequeuedEvent", run["creationTime"])
+        at = {e["__typename"]: int(e["timestamp"]) / 1000 for e in events if e.get("timestamp")}
         steps = {s["stepKey"]: s for s in run["stepStats"] if s["endTime"]}
         load = steps.get("load_raw_batches")
-        if not load:
+        if not load or "RunDequeuedEvent" not in at or "RunStartEvent" not in at:
             continue
         rollups = [s for k, s in steps.items() if k != "load_raw_batches"]
-        parts["queue_s"].append(dequeued - run["creationTime"])
-        parts["launch_s"].append(load["startTime"] - dequeued)
+        parts["queue_s"].append(at["RunDequeuedEvent"] - run["creationTime"])
+        parts["launch_s"].append(at["RunStartEvent"] - at["RunDequeuedEvent"])
+        parts["init_s"].append(load["startTime"] - at["RunStartEvent"])
         parts["load_s"].append(load["endTime"] - load["startTime"])
         parts["rollups_s"].append(sum(s["endTime"] - s["startTime"] for s in rollups))
         last = max([load["endTime"], *(s["endTime"] for s in rollups)])
         parts["finish_s"].append(run["endTime"] - last)
-    return {k: round(sum(v) / len(v), 2) for k, v in parts.items()} | {"runs": len(runs)}
+    summary = {k: round(sum(v) / len(v), 2) for k, v in parts.items()}
+    return summary | {"runs": len(parts["load_s"])}
 
 
 def _children() -> dict[int, list[int]]:

@@ -1,0 +1,154 @@
+"""Coalescing on the embedded stack: slow load runs grow instead of queueing up.
+
+A device publishes steadily while the warehouse is made slow on purpose (a lock on the
+ingest ledger blocks every load for 40 s, as a long maintenance statement would). Load
+runs per hour partition that are queued or running must never exceed one; batches that
+land meanwhile wait in the sensor's cursor and go into the next run; once the lock is
+gone the backlog drains, and every raw batch is in the ledger exactly once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.fixtures.stack import Stack, stack_ca, stack_warehouse
+from tests.mqtt_helpers import open_session
+
+pytestmark = pytest.mark.integration
+
+DEVICE = "coalesce-meter-01"
+IN_FLIGHT = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"]
+RUNS = """query($statuses: [RunStatus!]) { runsOrError(filter: {statuses: $statuses}) {
+  ... on Runs { results { runId status tags { key value } } } } }"""
+LOAD_RUNS = """{ runsOrError(filter: {pipelineName: "load_raw_batches_job"}) {
+  ... on Runs { results { status tags { key value } } } } }"""
+
+
+def _graphql(url: str, query: str, **variables: object) -> dict:
+    request = urllib.request.Request(
+        f"{url}/graphql",
+        data=json.dumps({"query": query, "variables": variables}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())["data"]
+
+
+def _in_flight_per_partition(url: str) -> Counter[str]:
+    runs = _graphql(url, RUNS, statuses=IN_FLIGHT)["runsOrError"]["results"]
+    partitions = Counter()
+    for run in runs:
+        tags = {t["key"]: t["value"] for t in run["tags"]}
+        if "dagster/partition" in tags:
+            partitions[tags["dagster/partition"]] += 1
+    return partitions
+
+
+class Publisher(threading.Thread):
+    """v2 telemetry, 20 messages/s, unique seq and ts, until stopped."""
+
+    def __init__(self, session) -> None:
+        super().__init__(daemon=True)
+        self.session, self.sent = session, 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            self.sent += 1
+            body = {
+                "v": 2,
+                "device_id": DEVICE,
+                "ts": dt.datetime.now(dt.UTC).isoformat(),
+                "seq": self.sent,
+                "msg_type": "telemetry",
+                "measurements": [{"type": "voltage_dc", "val": 750.0 + self.sent % 10}],
+            }
+            self.session.client.publish(f"iot/{DEVICE}/telemetry", json.dumps(body), qos=1)
+
+
+def test_slow_loads_take_bigger_runs_not_a_longer_queue(stack_env):
+    stack = Stack(stack_env)
+    stack.start()
+    url = f"http://127.0.0.1:{stack_env['IOT_DAGSTER_PORT']}"
+    warehouse = stack_warehouse(stack_env)
+    try:
+        with psycopg.connect(warehouse, autocommit=True) as conn:
+            conn.execute("INSERT INTO devices (device_id) VALUES (%s)", [DEVICE])
+        ca = stack_ca(stack_env)
+        ca.issue_device_certificate(DEVICE)
+        cert, key = ca.device_paths(DEVICE)
+        session = open_session(
+            "127.0.0.1",
+            int(stack_env["IOT_BROKER_PORT"]),
+            client_id=DEVICE,
+            ca_file=ca.ca_cert_path,
+            cert_file=cert,
+            key_file=key,
+            max_inflight=100,
+        )
+        assert session.connected.is_set(), session.reason
+        publisher = Publisher(session)
+        publisher.start()
+
+        most: Counter[str] = Counter()
+
+        def watch(seconds: float) -> None:
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for partition, n in _in_flight_per_partition(url).items():
+                    most[partition] = max(most[partition], n)
+                time.sleep(0.5)
+
+        watch(15)  # runs flow
+        with psycopg.connect(warehouse) as blocker:
+            blocker.execute("LOCK TABLE ingest_batches IN SHARE MODE")  # loads now wait
+            watch(40)
+            stuck = blocker.execute("SELECT count(*) FROM ingest_batches").fetchone()[0]
+        watch(10)  # the lock is gone: the backlog drains while publishing goes on
+        publisher.stop.set()
+        publisher.join()
+        session.close()
+
+        expected = publisher.sent
+        deadline = time.monotonic() + 120
+        with psycopg.connect(warehouse, autocommit=True) as conn:
+            while time.monotonic() < deadline:
+                for partition, n in _in_flight_per_partition(url).items():
+                    most[partition] = max(most[partition], n)
+                loaded = conn.execute(
+                    "SELECT count(*) FROM telemetry WHERE device_id = %s", [DEVICE]
+                ).fetchone()[0]
+                if loaded >= expected:
+                    break
+                time.sleep(1)
+            assert loaded == expected, f"{loaded} of {expected} measurements loaded"
+            ledger = dict(conn.execute("SELECT object_key, load_count FROM ingest_batches"))
+
+        # Never more than one load run queued or running per hour.
+        assert most and max(most.values()) == 1, most
+        # Every raw batch the daemon wrote is in the ledger, loaded once.
+        objects = Path(stack_env["IOT_HOME"]) / "objects"
+        keys = {str(p.relative_to(objects)) for p in objects.rglob("*.parquet")}
+        assert keys == set(ledger)
+        assert set(ledger.values()) == {1}
+        # The batches that landed during the lock went into a few bigger runs.
+        runs = _graphql(url, LOAD_RUNS)["runsOrError"]["results"]
+        sizes = [
+            int({t["key"]: t["value"] for t in run["tags"]}["iot/batches"])
+            for run in runs
+            if run["status"] == "SUCCESS"
+        ]
+        assert sum(sizes) == len(ledger) and len(sizes) < len(ledger)
+        assert max(sizes) >= 20, f"no coalesced run after the 40 s stall: {sorted(sizes)}"
+        assert stuck < len(ledger)
+    finally:
+        assert stack.interrupt() == 0, "".join(stack.output)
