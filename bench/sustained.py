@@ -219,9 +219,10 @@ EVENTS_QUERY = """query($runId: ID!) { logsForRun(runId: $runId) {
 
 def run_breakdown(url: str, after: float, sample: int = 20) -> dict:
     """Where a load run's seconds go, averaged over the last ``sample`` runs: in the queue
-    (created by the sensor -> dequeued), launch (dequeued -> the run process has started
-    Python, imported the code location and begins: RUN_START), init (-> the load step
-    starts: resources, log capture), the load step, the three rollup steps, and the end."""
+    (enqueued by the sensor -> the coordinator starts it: RUN_STARTING), launch (-> the
+    run process has started Python, imported the code location and begins: RUN_START),
+    init (-> the load step starts: resources, log capture), the load step, the three
+    rollup steps, and the end."""
 
     def graphql(query: str, **variables: object) -> dict:
         response = requests.post(
@@ -237,11 +238,11 @@ def run_breakdown(url: str, after: float, sample: int = 20) -> dict:
         at = {e["__typename"]: int(e["timestamp"]) / 1000 for e in events if e.get("timestamp")}
         steps = {s["stepKey"]: s for s in run["stepStats"] if s["endTime"]}
         load = steps.get("load_raw_batches")
-        if not load or "RunDequeuedEvent" not in at or "RunStartEvent" not in at:
+        if not load or not {"RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent"} <= set(at):
             continue
         rollups = [s for k, s in steps.items() if k != "load_raw_batches"]
-        parts["queue_s"].append(at["RunDequeuedEvent"] - run["creationTime"])
-        parts["launch_s"].append(at["RunStartEvent"] - at["RunDequeuedEvent"])
+        parts["queue_s"].append(at["RunStartingEvent"] - at["RunEnqueuedEvent"])
+        parts["launch_s"].append(at["RunStartEvent"] - at["RunStartingEvent"])
         parts["init_s"].append(load["startTime"] - at["RunStartEvent"])
         parts["load_s"].append(load["endTime"] - load["startTime"])
         parts["rollups_s"].append(sum(s["endTime"] - s["startTime"] for s in rollups))
