@@ -46,6 +46,20 @@ EXPECTED = {
 }
 
 
+def _load_objects(conn: psycopg.Connection, store, infos) -> None:
+    """Load stored raw batches in order, as the pipeline's load step does."""
+    for info in infos:
+        load_object(
+            conn,
+            store,
+            info,
+            run_id="r",
+            parameters=load_parameters(conn),
+            devices=known_devices(conn),
+            max_payload_bytes=262144,
+        )
+
+
 def _faulty_fleet(store, now: dt.datetime) -> list:
     start = now - dt.timedelta(minutes=5)
     messages = [
@@ -98,16 +112,7 @@ def fleet(postgres_db, tmp_path):
             {"now": now},
         )
         conn.commit()
-        for info in _faulty_fleet(store, now):
-            load_object(
-                conn,
-                store,
-                info,
-                run_id="r",
-                parameters=load_parameters(conn),
-                devices=known_devices(conn),
-                max_payload_bytes=262144,
-            )
+        _load_objects(conn, store, _faulty_fleet(store, now))
     return warehouse
 
 
@@ -183,15 +188,8 @@ def bounded_fleet(postgres_db, tmp_path):
 
 
 def _load(conn: psycopg.Connection, store, messages: list, seq: int = 1) -> None:
-    load_object(
-        conn,
-        store,
-        put_batch(store, messages, seq=seq),
-        run_id="r",
-        parameters=load_parameters(conn),
-        devices=known_devices(conn),
-        max_payload_bytes=262144,
-    )
+    """Write ``messages`` as one raw batch and load it."""
+    _load_objects(conn, store, [put_batch(store, messages, seq=seq)])
 
 
 def test_bounds_belong_to_device_types_and_devices_and_never_stop_a_run(bounded_fleet, tmp_path):
@@ -459,16 +457,7 @@ def test_retained_replay_after_ingest_restart_is_not_activity(
     with warehouse.connect() as conn:
         conn.execute("INSERT INTO devices (device_id) VALUES (%s)", [device_id])
         conn.commit()
-        for info in sorted(store.list("raw/v1/"), key=lambda i: i.key):
-            load_object(
-                conn,
-                store,
-                info,
-                run_id="r",
-                parameters=load_parameters(conn),
-                devices=known_devices(conn),
-                max_payload_bytes=262144,
-            )
+        _load_objects(conn, store, sorted(store.list("raw/v1/"), key=lambda i: i.key))
         last_seen = conn.execute(
             "SELECT last_seen FROM devices WHERE device_id = %s", [device_id]
         ).fetchone()[0]
