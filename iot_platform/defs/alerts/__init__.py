@@ -1,0 +1,1 @@
+"""Alerts: one notification per health/PKI check transition (``sensor``)."""

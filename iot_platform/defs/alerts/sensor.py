@@ -1,0 +1,159 @@
+"""The alert sensor: a notification when a health or PKI check starts failing or recovers.
+
+Each tick reads the latest completed evaluation of every watched check from the instance's
+event log (``EventLogStorage.get_latest_asset_check_execution_by_key``), compares each
+check's status with the one remembered in the sensor cursor, and sends one message per
+change (``iot_platform.alerts``). Evaluations that change nothing send nothing, however
+often the checks run. On by default and visible under Automation in the UI, where an
+operator can stop it. It launches no runs: its tick says what it sent.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+import dagster as dg
+from dagster_slack import SlackResource
+
+from iot_platform.alerts import (
+    Channel,
+    Evaluation,
+    SlackChannel,
+    Status,
+    WebhookChannel,
+    deliver,
+    next_state,
+    transitions,
+)
+from iot_platform.defs.health import checks as health_checks
+from iot_platform.defs.pki import certificates as pki_checks
+from iot_platform.settings import AlertSettings, env_secret
+
+# Every check of the platform location that an operator must hear about.
+WATCHED: tuple[dg.AssetCheckKey, ...] = tuple(
+    sorted(
+        {
+            *health_checks.device_health_checks.check_keys,
+            *pki_checks.crl_not_expiring.check_keys,
+            *pki_checks.certificates_expiring_soon.check_keys,
+            *pki_checks.devices_without_valid_certificate.check_keys,
+        },
+        key=lambda key: (key.asset_key.to_user_string(), key.name),
+    )
+)
+CURSOR_VERSION = 1
+
+
+def check_name(key: dg.AssetCheckKey) -> str:
+    return f"{key.asset_key.to_user_string()}:{key.name}"
+
+
+def _json_metadata(metadata: dg.RawMetadataMapping) -> dict[str, Any]:
+    """The evaluation's metadata as plain JSON values (what a receiver can use)."""
+    plain: dict[str, Any] = {}
+    for name, value in metadata.items():
+        raw = value.value if isinstance(value, dg.MetadataValue) else value
+        try:
+            json.dumps(raw)
+        except (TypeError, ValueError):
+            raw = str(raw)
+        plain[name] = raw
+    return plain
+
+
+def latest_evaluations(instance: dg.DagsterInstance) -> list[Evaluation]:
+    """The newest completed evaluation of each watched check (planned/running ones and
+    checks never evaluated are left out: they have no status yet)."""
+    records = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(WATCHED))
+    found = []
+    for key in WATCHED:
+        record = records.get(key)
+        entry = record.event if record else None
+        evaluation = entry.asset_check_evaluation if entry else None
+        if record is None or entry is None or evaluation is None:
+            continue
+        if evaluation.passed:
+            status = Status.OK
+        elif evaluation.severity == dg.AssetCheckSeverity.ERROR:
+            status = Status.ERROR
+        else:
+            status = Status.WARN
+        found.append(
+            Evaluation(
+                check=check_name(key),
+                status=status,
+                evaluated_at=datetime.fromtimestamp(entry.timestamp, UTC),
+                run_id=record.run_id,
+                description=evaluation.description or "",
+                metadata=_json_metadata(evaluation.metadata),
+            )
+        )
+    return found
+
+
+def configured_channels(settings: AlertSettings) -> list[Channel]:
+    """The webhook when its URL is set; Slack (dagster-slack's client) when its token is.
+
+    Tokens are read here, per tick, from ``IOT_ALERT_*_TOKEN`` or ``..._FILE``: never
+    resource or run config, so the UI never shows them."""
+    channels: list[Channel] = []
+    if settings.webhook_url:
+        channels.append(
+            WebhookChannel(
+                settings.webhook_url, env_secret("IOT_ALERT_WEBHOOK_TOKEN"), settings.timeout_s
+            )
+        )
+    slack_token = env_secret("IOT_ALERT_SLACK_TOKEN")
+    if slack_token is not None:
+        client = SlackResource(token=slack_token.value).get_client()
+        client.base_url = settings.slack_api_url
+        client.timeout = int(settings.timeout_s)
+        channels.append(SlackChannel(client, settings.slack_channel))
+    return channels
+
+
+def _known(cursor: str | None) -> dict[str, str]:
+    if not cursor:
+        return {}
+    state = json.loads(cursor)
+    return dict(state["checks"]) if state.get("version") == CURSOR_VERSION else {}
+
+
+@dg.sensor(
+    name="check_alerts_sensor",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Notifies (JSON webhook IOT_ALERT_WEBHOOK_URL, Slack when IOT_ALERT_SLACK_TOKEN "
+    "is set) once when a device-health or PKI check starts failing, changes severity or "
+    "recovers; nothing while nothing changes. Stop it here to silence notifications.",
+)
+def check_alerts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    settings = AlertSettings.from_env()
+    known = _known(context.cursor)
+    evaluations = latest_evaluations(context.instance)
+    found = transitions(known, evaluations)
+    channels = configured_channels(settings)
+    delivery = deliver(channels, found)
+    for where in delivery.sent:
+        context.log.info(f"alert sent: {where}")
+    for failure in delivery.failed:
+        context.log.error(f"alert not delivered (retried next tick): {failure}")
+    cursor = json.dumps(
+        {"version": CURSOR_VERSION, "checks": next_state(known, evaluations, delivery.undelivered)},
+        sort_keys=True,
+    )
+    changes = ", ".join(f"{t.current.check} -> {t.current.status.value}" for t in found)
+    if not found:
+        reason = f"no check changed status ({len(evaluations)}/{len(WATCHED)} checks evaluated)"
+    elif not channels:
+        reason = (
+            f"{len(found)} change(s), no channel configured (set IOT_ALERT_WEBHOOK_URL or "
+            f"IOT_ALERT_SLACK_TOKEN): {changes}"
+        )
+    elif delivery.failed:
+        reason = f"{len(delivery.failed)} message(s) not delivered, retried next tick: {changes}"
+    else:
+        reason = f"sent {len(delivery.sent)} message(s): {changes}"
+    return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=cursor)
