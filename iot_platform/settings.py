@@ -7,9 +7,11 @@ they are never logged (see ``Secret.__repr__``).
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 CRL_REFRESH_HOURS = 6  # crl_refresh_schedule's period
 # The one place that state and certificate paths resolve from when IOT_HOME /
@@ -118,11 +120,120 @@ def env_secret(name: str) -> Secret | None:
         raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
 
 
+def dagster_auth_header() -> Secret | None:
+    """``IOT_DAGSTER_AUTH_HEADER`` / ``_FILE``: the ``Authorization`` value (``Bearer <token>``,
+    ``Basic <base64>``) the operator CLI sends to the authenticating proxy in front of a
+    remote webserver. Dagster's own UI and GraphQL API have no login."""
+    return env_secret("IOT_DAGSTER_AUTH_HEADER")
+
+
 def require_secret(name: str) -> Secret:
     secret = env_secret(name)
     if secret is None:
         raise SettingsError(f"set {name} or {name}_FILE")
     return secret
+
+
+WAREHOUSE_DIALECTS = ("auto", "timescaledb", "postgresql")
+
+
+def warehouse_dialect_setting() -> str:
+    """``IOT_WAREHOUSE_DIALECT``: ``auto`` uses TimescaleDB wherever the server has it,
+    ``timescaledb`` insists on it (an error names what is missing), ``postgresql`` never
+    loads it. Read by the embedded server (what to preload) and by the migration."""
+    value = env_str("IOT_WAREHOUSE_DIALECT", "auto").lower()
+    if value not in WAREHOUSE_DIALECTS:
+        raise SettingsError(
+            f"IOT_WAREHOUSE_DIALECT={value!r} must be one of {', '.join(WAREHOUSE_DIALECTS)}"
+        )
+    return value
+
+
+def ts_max_age_s() -> float:
+    """``IOT_TS_MAX_AGE_S``: the oldest device time accepted, and how long a (device_id,
+    seq) stays claimed against duplicates."""
+    return env_float("IOT_TS_MAX_AGE_S", 7 * 86_400, minimum=60)
+
+
+def health_retention_days() -> float:
+    """``IOT_HEALTH_RETENTION_DAYS``: ``device_health`` history kept (health evaluation and
+    the retention pass both prune to it)."""
+    return env_float("IOT_HEALTH_RETENTION_DAYS", 30, minimum=1)
+
+
+def _retention_days(name: str, default: float) -> float | None:
+    """Days to keep (fractions allowed); 0 keeps forever (None)."""
+    days = env_float(name, default, minimum=0)
+    return days or None
+
+
+def _keeps_longer(a: float | None, b: float | None) -> bool:
+    """Whether a retention ``a`` keeps at least as long as ``b`` (None is forever)."""
+    return a is None or (b is not None and a >= b)
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long each growing warehouse table keeps its rows (in days; None = forever).
+
+    Rules checked here, so a bad combination fails at start-up with the variables named:
+    a rollup keeps at least as long as its source (``telemetry`` <= ``_1m`` <= ``_1h`` <=
+    ``_1d``): a refresh over a window whose source was dropped would empty the rollup
+    there. The load ledger (``ingest_batches`` and ``device_messages``) makes loads
+    idempotent and de-duplicates on (device_id, seq), so it keeps at least the claim window
+    (IOT_TS_MAX_AGE_S) — and must outlive the raw micro-batches, which can be reloaded as
+    long as they exist (a batch reloaded after its ledger row is gone would load its events
+    a second time).
+    """
+
+    telemetry: float | None
+    telemetry_1m: float | None
+    telemetry_1h: float | None
+    telemetry_1d: float | None
+    device_events: float | None
+    decode_rejects: float | None
+    device_health: float
+    ledger: float | None
+    telemetry_compress_after: float
+    batch_rows: int
+    max_seconds: float
+
+    @classmethod
+    def from_env(cls) -> RetentionSettings:
+        settings = cls(
+            telemetry=_retention_days("IOT_RETENTION_TELEMETRY_DAYS", 30),
+            telemetry_1m=_retention_days("IOT_RETENTION_TELEMETRY_1M_DAYS", 90),
+            telemetry_1h=_retention_days("IOT_RETENTION_TELEMETRY_1H_DAYS", 730),
+            telemetry_1d=_retention_days("IOT_RETENTION_TELEMETRY_1D_DAYS", 0),
+            device_events=_retention_days("IOT_RETENTION_DEVICE_EVENTS_DAYS", 90),
+            decode_rejects=_retention_days("IOT_RETENTION_DECODE_REJECTS_DAYS", 30),
+            device_health=health_retention_days(),
+            ledger=_retention_days("IOT_RETENTION_LEDGER_DAYS", 30),
+            telemetry_compress_after=env_float(
+                "IOT_TELEMETRY_COMPRESS_AFTER_DAYS", 7, minimum=0.04
+            ),
+            batch_rows=env_int("IOT_RETENTION_BATCH_ROWS", 10_000, minimum=1),
+            max_seconds=env_float("IOT_RETENTION_MAX_SECONDS", 120, minimum=1),
+        )
+        chain = [
+            ("IOT_RETENTION_TELEMETRY_DAYS", settings.telemetry),
+            ("IOT_RETENTION_TELEMETRY_1M_DAYS", settings.telemetry_1m),
+            ("IOT_RETENTION_TELEMETRY_1H_DAYS", settings.telemetry_1h),
+            ("IOT_RETENTION_TELEMETRY_1D_DAYS", settings.telemetry_1d),
+        ]
+        for (source, kept), (rollup, rollup_kept) in itertools.pairwise(chain):
+            if not _keeps_longer(rollup_kept, kept):
+                raise SettingsError(
+                    f"{rollup}={rollup_kept or 0:g} keeps less than {source}={kept or 0:g}: "
+                    "a rollup must keep at least as long as its source (0 = forever)"
+                )
+        claim_days = ts_max_age_s() / 86_400
+        if not _keeps_longer(settings.ledger, claim_days):
+            raise SettingsError(
+                f"IOT_RETENTION_LEDGER_DAYS={settings.ledger:g} is shorter than the "
+                f"de-duplication window IOT_TS_MAX_AGE_S ({claim_days:g} days)"
+            )
+        return settings
 
 
 @dataclass(frozen=True)
@@ -147,6 +258,7 @@ class PlatformSettings:
     dagster_database: str
     dagster_host: str
     dagster_port: int
+    dagster_url: str
     object_store: str
     local_store_dir: Path
     s3_endpoint: str
@@ -159,6 +271,8 @@ class PlatformSettings:
     mqtt_max_payload_bytes: int
     ts_max_ahead_s: float
     ts_max_age_s: float
+    warehouse_dialect: str
+    retention: RetentionSettings
 
     @classmethod
     def from_env(cls) -> PlatformSettings:
@@ -180,6 +294,17 @@ class PlatformSettings:
         object_store = env_str("IOT_OBJECT_STORE", "local")
         if object_store not in {"local", "s3"}:
             raise SettingsError(f"IOT_OBJECT_STORE={object_store!r} must be 'local' or 's3'")
+        dagster_host = env_str("IOT_DAGSTER_HOST", "127.0.0.1")
+        dagster_port = env_int("IOT_DAGSTER_PORT", 3000, minimum=1)
+        # Where the operator CLI reaches the webserver: the local one, or an authenticating
+        # proxy in front of a remote one (docs/kubernetes.md), e.g. https://dagster.example/
+        dagster_url = env_str("IOT_DAGSTER_URL", f"http://{dagster_host}:{dagster_port}")
+        url = urlsplit(dagster_url)
+        if url.scheme not in {"http", "https"} or not url.hostname or url.query or url.username:
+            raise SettingsError(
+                f"IOT_DAGSTER_URL={dagster_url!r} must be http(s)://host[:port][/path] "
+                "(credentials go in IOT_DAGSTER_AUTH_HEADER_FILE, never in the URL)"
+            )
         return cls(
             home=home,
             certs_dir=env_dir("IOT_CERTS_DIR", checkout_dir("certs")),
@@ -197,8 +322,9 @@ class PlatformSettings:
             pg_user=env_str("IOT_PG_USER", "iot"),
             pg_database=env_str("IOT_PG_DB", "iot"),
             dagster_database=env_str("IOT_DAGSTER_DB", "dagster"),
-            dagster_host=env_str("IOT_DAGSTER_HOST", "127.0.0.1"),
-            dagster_port=env_int("IOT_DAGSTER_PORT", 3000, minimum=1),
+            dagster_host=dagster_host,
+            dagster_port=dagster_port,
+            dagster_url=dagster_url.rstrip("/"),
             object_store=object_store,
             local_store_dir=env_dir("IOT_LOCAL_STORE_DIR", home / "objects"),
             s3_endpoint=env_str("IOT_S3_ENDPOINT", "127.0.0.1:9000"),
@@ -215,5 +341,40 @@ class PlatformSettings:
             mqtt_max_payload_bytes=mqtt_max_payload,
             # Device time vs receive time (decoder: ts_out_of_range outside this window).
             ts_max_ahead_s=env_float("IOT_TS_MAX_AHEAD_S", 86_400, minimum=0),
-            ts_max_age_s=env_float("IOT_TS_MAX_AGE_S", 7 * 86_400, minimum=60),
+            ts_max_age_s=ts_max_age_s(),
+            warehouse_dialect=warehouse_dialect_setting(),
+            retention=RetentionSettings.from_env(),
+        )
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    """Where notifications about health-check transitions go (``iot_platform.alerts``).
+
+    Non-secret settings only: the webhook token and the Slack token are read with
+    ``env_secret`` when a message is sent, so they never enter resource config, run
+    config or the UI. No channel configured means the alert sensor tracks transitions
+    and says so in its tick, without sending anything."""
+
+    webhook_url: str
+    slack_channel: str
+    slack_api_url: str
+    timeout_s: float
+
+    @classmethod
+    def from_env(cls) -> AlertSettings:
+        webhook_url = env_str("IOT_ALERT_WEBHOOK_URL", "")
+        slack_api_url = env_str("IOT_ALERT_SLACK_API_URL", "https://slack.com/api/")
+        for name, url in (
+            ("IOT_ALERT_WEBHOOK_URL", webhook_url),
+            ("IOT_ALERT_SLACK_API_URL", slack_api_url),
+        ):
+            if url and not url.startswith(("http://", "https://")):
+                # not echoed: a webhook URL may carry a secret in its path
+                raise SettingsError(f"{name} must be an http:// or https:// URL")
+        return cls(
+            webhook_url=webhook_url,
+            slack_channel=env_str("IOT_ALERT_SLACK_CHANNEL", "#iot-alerts"),
+            slack_api_url=slack_api_url if slack_api_url.endswith("/") else slack_api_url + "/",
+            timeout_s=env_float("IOT_ALERT_TIMEOUT_S", 10.0, minimum=0.5),
         )

@@ -39,7 +39,7 @@ from iot_platform.settings import (
     env_int,
     env_secret,
 )
-from iot_platform.warehouse.migrations import migrate
+from iot_platform.warehouse.migrations import Dialect, DialectError, migrate
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,9 @@ class EmbeddedStack:
             password=self.pg_password.value,
             user=settings.pg_user,
             host=settings.pg_host,
+            dialect=settings.warehouse_dialect,
         )
+        self.warehouse_dialect = "not migrated yet"
         self.broker = MosquittoBroker(broker_config(settings), log_path=self.logs / "mosquitto.log")
         self.ingest_metrics_port = env_int("INGEST_METRICS_PORT", DEFAULT_METRICS_PORT, minimum=1)
         self.children: list[Supervised] = []
@@ -212,7 +214,11 @@ class EmbeddedStack:
             if self.postgres.ensure_database(database):
                 log.info("created database %s", database)
         with psycopg.connect(self.postgres.conninfo(self.settings.pg_database)) as conn:
-            dialect, applied = migrate(conn)
+            try:
+                dialect, applied = migrate(conn, self.settings.warehouse_dialect)
+            except DialectError as exc:
+                raise ServiceError(str(exc)) from None
+            self.warehouse_dialect = _describe_dialect(conn, dialect)
         log.info("warehouse (%s): %s", dialect.value, ", ".join(applied) or "schema up to date")
         self._supervise("mosquitto", lambda: self.broker.start().process)
         self._supervise("ingest", self._start_ingest)
@@ -272,7 +278,9 @@ class EmbeddedStack:
         s = self.settings
         dagster_home = s.home / "dagster_home"
         dagster_home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", dagster_home / "dagster.yaml")
+        shutil.copyfile(
+            PROJECT_ROOT / "deploy" / "dagster" / "dagster.yaml", dagster_home / "dagster.yaml"
+        )
         env = self._platform_env()
         env.update(
             DAGSTER_HOME=str(dagster_home),
@@ -326,6 +334,7 @@ class EmbeddedStack:
                 f"{s.local_store_dir if s.object_store == 'local' else s.s3_endpoint})",
                 f"  PostgreSQL   postgresql://{s.pg_user}@{s.pg_host}:{s.pg_port}/{s.pg_database}"
                 f"  (password: {s.home / 'secrets' / 'pg_password'})",
+                f"  Warehouse    {self.warehouse_dialect}",
                 f"  Simulator    {self._simulator_summary()}",
                 f"  State, logs  {s.home}  ({self.logs})",
             ]
@@ -363,6 +372,16 @@ class EmbeddedStack:
         for child in reversed(self.children):
             child.process.stop()
         self.children.clear()
+
+
+def _describe_dialect(conn: psycopg.Connection, dialect: Dialect) -> str:
+    """The ready line's words for the warehouse dialect, with the extension's version."""
+    if dialect is Dialect.POSTGRES:
+        return "plain PostgreSQL (TimescaleDB not in use; see IOT_WAREHOUSE_DIALECT)"
+    row = conn.execute(
+        "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'"
+    ).fetchone()
+    return f"TimescaleDB {row[0] if row else '?'}"
 
 
 def _http_ok(url: str) -> bool:

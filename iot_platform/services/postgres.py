@@ -3,11 +3,17 @@
 Used by the embedded stack (``.iot/postgres``) and by the test fixtures (a temp folder
 on an ephemeral port). It runs as a direct child (no ``pg_ctl`` daemonising), so it
 is ended by its PID.
+
+TimescaleDB must be in ``shared_preload_libraries`` before ``CREATE EXTENSION`` works, so
+the server preloads it whenever the extension is installed for these binaries (and
+IOT_WAREHOUSE_DIALECT allows it). A library that is installed but does not load (built for
+another server version, a missing dependency) is logged and the server starts without it.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
 import signal
@@ -24,6 +30,11 @@ from iot_platform.services.process import (
     chown_tree,
     unprivileged_user,
 )
+from iot_platform.settings import warehouse_dialect_setting
+
+log = logging.getLogger(__name__)
+
+TIMESCALEDB = "timescaledb"
 
 
 def postgres_bindir() -> Path:
@@ -43,8 +54,34 @@ def postgres_bindir() -> Path:
     raise ServiceError("PostgreSQL server binaries not found: apt-get install postgresql")
 
 
+def timescaledb_installed(bindir: Path) -> bool:
+    """Whether the TimescaleDB extension is installed for the server in ``bindir``: its
+    control file in the server's share directory and its loader in the library directory,
+    as that server's ``pg_config`` reports them (a relocated server finds its own)."""
+    try:
+        result = subprocess.run(
+            [str(bindir / "pg_config"), "--sharedir", "--pkglibdir"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    sharedir, pkglibdir = (Path(line) for line in result.stdout.splitlines()[:2])
+    return (sharedir / "extension" / f"{TIMESCALEDB}.control").is_file() and (
+        pkglibdir / f"{TIMESCALEDB}.so"
+    ).is_file()
+
+
 class PostgresServer:
-    """One cluster: ``data_dir`` holds the data, the socket and the log."""
+    """One cluster: ``data_dir`` holds the data, the socket and the log.
+
+    ``dialect`` (an IOT_WAREHOUSE_DIALECT value, default the setting) decides whether
+    TimescaleDB is preloaded: ``auto`` when installed, ``timescaledb`` always (a server
+    that cannot load it is a ServiceError), ``postgresql`` never. After ``start``,
+    ``timescaledb_loaded`` says what the running server has.
+    """
 
     def __init__(
         self,
@@ -54,15 +91,30 @@ class PostgresServer:
         password: str,
         user: str = "iot",
         host: str = "127.0.0.1",
+        bindir: Path | None = None,
+        dialect: str | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port
         self.host = host
         self.user = user
         self._password = password
-        self.bindir = postgres_bindir()
+        self.bindir = bindir or postgres_bindir()
+        self.dialect = dialect or warehouse_dialect_setting()
         self.os_user = unprivileged_user("postgres")
         self.process: ChildProcess | None = None
+        self.timescaledb_loaded = False
+
+    def wants_timescaledb(self) -> bool:
+        if self.dialect == "postgresql":
+            return False
+        installed = timescaledb_installed(self.bindir)
+        if not installed and self.dialect == TIMESCALEDB:
+            raise ServiceError(
+                f"IOT_WAREHOUSE_DIALECT=timescaledb but the TimescaleDB extension is not "
+                f"installed for the server in {self.bindir} (see README: TimescaleDB)"
+            )
+        return installed
 
     @property
     def cluster_dir(self) -> Path:
@@ -120,6 +172,38 @@ class PostgresServer:
         socket_dir = self.data_dir / "socket"
         socket_dir.mkdir(exist_ok=True)
         chown_tree(socket_dir, self.os_user)
+        if self.wants_timescaledb():
+            log_start = self._log_size()
+            try:
+                return self._start(socket_dir, [TIMESCALEDB], timeout=timeout)
+            except ServiceError:
+                failure = self._log_since(log_start)
+                if self.dialect == TIMESCALEDB or TIMESCALEDB not in failure:
+                    raise
+                log.warning(
+                    "TimescaleDB is installed for %s but the server cannot load it; "
+                    "starting plain PostgreSQL instead (set IOT_WAREHOUSE_DIALECT=postgresql "
+                    "to skip the attempt). The server said:\n%s",
+                    self.bindir,
+                    failure.strip(),
+                )
+        return self._start(socket_dir, [], timeout=timeout)
+
+    def _log_path(self) -> Path:
+        return self.data_dir / "postgres.log"
+
+    def _log_size(self) -> int:
+        try:
+            return self._log_path().stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        with self._log_path().open("rb") as log_file:
+            log_file.seek(offset)
+            return log_file.read().decode(errors="replace")
+
+    def _start(self, socket_dir: Path, preload: list[str], *, timeout: float) -> PostgresServer:
         self.process = ChildProcess(
             "postgres",
             [
@@ -142,12 +226,17 @@ class PostgresServer:
                 "synchronous_commit=on",
                 "-c",
                 "log_min_messages=warning",
+                "-c",
+                f"shared_preload_libraries={','.join(preload)}",
+                # Our own loader only: no telemetry calls home from a test or a laptop.
+                *(["-c", "timescaledb.telemetry_level=off"] if preload else []),
             ],
-            self.data_dir / "postgres.log",
+            self._log_path(),
             user=self.os_user,
             stop_signal=signal.SIGINT,  # "fast" shutdown: roll back sessions, checkpoint, exit
         ).start()
         self.process.wait_until(self._accepts_connections, timeout=timeout, what="connections")
+        self.timescaledb_loaded = TIMESCALEDB in preload
         return self
 
     def _accepts_connections(self) -> bool:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import psycopg
-from psycopg import errors
+
+from iot_platform.settings import warehouse_dialect_setting
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,19 @@ STATUS_BY_RECEIVE_TIME = Migration(
     """,
 )
 
+RETENTION_INDEXES = Migration(
+    7,
+    "indexes for retention passes",
+    # The retention pass deletes bounded batches of the oldest rows (iot_platform/warehouse/
+    # retention.py); BRIN on the append-ordered time column finds them without scanning the
+    # table, and costs almost nothing to maintain.
+    common="""
+    CREATE INDEX device_events_ts_brin ON device_events USING brin (ts);
+    CREATE INDEX device_messages_received_brin ON device_messages USING brin (received_at);
+    CREATE INDEX ingest_batches_loaded_at_brin ON ingest_batches USING brin (loaded_at);
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE,
     TIME_BUCKET,
@@ -277,27 +291,60 @@ MIGRATIONS: tuple[Migration, ...] = (
     MESSAGE_SEQ_INDEX,
     HEALTH_HISTORY_AGE,
     STATUS_BY_RECEIVE_TIME,
+    RETENTION_INDEXES,
 )
 
 
-def detect_dialect(conn: psycopg.Connection) -> Dialect:
-    """TimescaleDB if the extension is (or can be) installed, else plain PostgreSQL."""
+class DialectError(RuntimeError):
+    """The requested dialect cannot be used here; the message says why and what to do."""
+
+
+def detect_dialect(conn: psycopg.Connection, requested: str) -> Dialect:
+    """The warehouse's dialect: the one it was created with, else — for ``requested``
+    ``auto`` — TimescaleDB if ``CREATE EXTENSION timescaledb`` succeeds, else plain
+    PostgreSQL.
+
+    Whatever the server says no with (not installed, not preloaded, no privilege, a library
+    that does not load) means plain PostgreSQL under ``auto`` and a DialectError naming the
+    reason under ``timescaledb``. A warehouse keeps the dialect it was created with: asking
+    for the other one is a DialectError, not a silent switch of table types.
+    """
     row = conn.execute("SELECT value FROM warehouse_meta WHERE key = 'dialect'").fetchone()
     if row:
-        return Dialect(row[0])
-    try:
-        with conn.transaction():
-            conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        dialect = Dialect.TIMESCALE
-    except (errors.FeatureNotSupported, errors.UndefinedFile, errors.InsufficientPrivilege) as exc:
-        log.info("TimescaleDB not available (%s); using plain PostgreSQL", exc.diag.message_primary)
-        dialect = Dialect.POSTGRES
+        recorded = Dialect(row[0])
+        if requested not in ("auto", recorded.value):
+            raise DialectError(
+                f"IOT_WAREHOUSE_DIALECT={requested} but this warehouse was created as "
+                f"{recorded.value}; its tables cannot change dialect in place (use a new "
+                "database, or unset IOT_WAREHOUSE_DIALECT)"
+            )
+        return recorded
+    dialect = Dialect.POSTGRES
+    if requested != Dialect.POSTGRES.value:
+        try:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            dialect = Dialect.TIMESCALE
+        except psycopg.Error as exc:
+            if conn.broken:
+                raise
+            reason = exc.diag.message_primary or str(exc)
+            if requested == Dialect.TIMESCALE.value:
+                raise DialectError(
+                    f"IOT_WAREHOUSE_DIALECT=timescaledb but the server cannot create the "
+                    f"extension: {reason}"
+                ) from exc
+            log.warning("TimescaleDB not available (%s); using plain PostgreSQL", reason)
     conn.execute("INSERT INTO warehouse_meta (key, value) VALUES ('dialect', %s)", [dialect.value])
     return dialect
 
 
-def migrate(conn: psycopg.Connection) -> tuple[Dialect, list[str]]:
-    """Bring the schema up to date; returns the dialect and the migrations applied now."""
+def migrate(conn: psycopg.Connection, requested: str | None = None) -> tuple[Dialect, list[str]]:
+    """Bring the schema up to date; returns the dialect and the migrations applied now.
+
+    ``requested`` is an IOT_WAREHOUSE_DIALECT value (default: the setting). A migration
+    with nothing to do in this dialect is recorded but not reported as applied.
+    """
     applied_now: list[str] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_ID])
@@ -309,20 +356,22 @@ def migrate(conn: psycopg.Connection) -> tuple[Dialect, list[str]]:
                    version integer PRIMARY KEY, name text NOT NULL, dialect text NOT NULL,
                    applied_at timestamptz NOT NULL DEFAULT now())"""
         )
-        dialect = detect_dialect(conn)
+        dialect = detect_dialect(conn, requested or warehouse_dialect_setting())
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         for migration in MIGRATIONS:
             if migration.version in done:
                 continue
             specific = migration.timescale if dialect is Dialect.TIMESCALE else migration.postgres
-            for statement in _statements(migration.common + specific):
+            statements = _statements(migration.common + specific)
+            for statement in statements:
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, dialect) VALUES (%s, %s, %s)",
                 [migration.version, migration.name, dialect.value],
             )
-            applied_now.append(f"{migration.version:03d} {migration.name}")
-            log.info("warehouse migration %03d (%s) applied", migration.version, migration.name)
+            if statements:
+                applied_now.append(f"{migration.version:03d} {migration.name}")
+                log.info("warehouse migration %03d (%s) applied", migration.version, migration.name)
     return dialect, applied_now
 
 

@@ -1,4 +1,4 @@
-"""The TimescaleDB double speaks the dialect the warehouse needs.
+"""TimescaleDB (real, or the double when none is installed) speaks the dialect we need.
 
 Hypertables with a unique index, multi-row INSERTs (the double has no COPY FROM STDIN),
 hierarchical continuous aggregates refreshed by hand (it has no background workers) and
@@ -116,8 +116,8 @@ class Telemetry:
 
 
 @pytest.fixture
-def ts_conn(timescale_double) -> Iterator[psycopg.Connection]:
-    with timescale_double.connect(autocommit=True) as conn:
+def ts_conn(timescaledb) -> Iterator[psycopg.Connection]:
+    with timescaledb.connect(autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         yield conn
 

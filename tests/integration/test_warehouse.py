@@ -153,7 +153,7 @@ def test_rollups_equal_a_direct_group_by_on_postgres(warehouse, tmp_path):
     assert first_last == expected
 
 
-def test_timescale_dialect_gives_the_same_answers(warehouse, timescale_double, tmp_path):
+def test_timescale_dialect_gives_the_same_answers(warehouse, timescaledb, tmp_path):
     store = LocalDirectoryStore(tmp_path)
     info = _batch(store)
     _load(warehouse, store, info)
@@ -162,7 +162,7 @@ def test_timescale_dialect_gives_the_same_answers(warehouse, timescale_double, t
     expected = {name: _rollup(warehouse, name) for name in ROLLUPS}
 
     schema = f"wh_{secrets.token_hex(4)}"
-    with timescale_double.connect(autocommit=True) as conn:
+    with timescaledb.connect(autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
