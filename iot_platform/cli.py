@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from iot_platform.pki import PKIError, device_paths
+from iot_platform.pki_runs import ACTOR_TAG, ENROLL, REVOKE, PkiJob
 from iot_platform.services.mosquitto import BrokerConfig, reload_broker
 from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, SettingsError
@@ -77,21 +78,20 @@ def _cmd_db_migrate(settings: PlatformSettings, _args: argparse.Namespace) -> in
     return 0
 
 
-def _launch(settings: PlatformSettings, job: str, op: str, config: dict) -> RunOutcome:
+def _launch(settings: PlatformSettings, job: PkiJob, config: dict) -> RunOutcome:
     """Run a PKI job through the Dagster webserver, exactly as a Launchpad launch."""
-    from iot_platform.defs.enrollment import ACTOR_TAG
     from iot_platform.launcher import JobLauncher
 
     launcher = JobLauncher(settings.dagster_host, settings.dagster_port)
     outcome = launcher.run(
-        job,
-        {"ops": {op: {"config": config}}},
+        job.job,
+        job.run_config(config),
         tags={ACTOR_TAG: f"cli:{getpass.getuser()}"},
         progress=lambda message: print(message, file=sys.stderr),
     )
     if not outcome.succeeded:
         for error in outcome.errors or [f"run {outcome.status.value}"]:
-            print(f"iot-platform: {job} failed: {error}", file=sys.stderr)
+            print(f"iot-platform: {job.job} failed: {error}", file=sys.stderr)
     return outcome
 
 
@@ -129,7 +129,7 @@ def _cmd_devices_enroll(settings: PlatformSettings, args: argparse.Namespace) ->
     }
     if args.days is not None:
         config["validity_days"] = args.days
-    outcome = _launch(settings, "enroll_device", "issue_certificate", config)
+    outcome = _launch(settings, ENROLL, config)
     if not outcome.succeeded:
         return 1
     # What the run reports it issued and where it wrote it: no second source (registry,
@@ -169,7 +169,7 @@ def _cmd_devices_revoke(settings: PlatformSettings, args: argparse.Namespace) ->
         "device_id": args.device or "",
         "reason": args.reason.value,
     }
-    outcome = _launch(settings, "revoke_certificate", "revoke_certificates", config)
+    outcome = _launch(settings, REVOKE, config)
     if not outcome.succeeded:
         return 1
     from iot_platform.enrollment import normalise_serial

@@ -1,35 +1,25 @@
 """The platform's Dagster code location (``iot_platform``, see ``workspace.yaml``): ingest,
-warehouse, health and PKI. The analysts' dbt marts are the ``iot_analytics`` location
-(``iot_platform.analytics_definitions``), so load runs never import dbt."""
+warehouse, health and PKI, autoloaded from ``iot_platform/defs/`` (one package per domain).
 
-from __future__ import annotations
+Every asset, check, job, schedule and sensor at module scope under ``iot_platform/defs/`` is
+part of the location; a new module needs no registration here. The walk is
+``dg.load_definitions_from_package_module``, not ``dg.load_from_defs_folder``: the latter
+builds Dagster's component tree, which loads every installed component plugin — dagster-dbt
+among them — and so would put dbt's ~2.5 s import back into every load run's start-up.
+``dg check defs`` / ``dg list defs`` load this module (``[tool.dg.project]`` in
+pyproject.toml).
+
+The analysts' dbt marts are the ``iot_analytics`` location
+(``iot_platform.analytics_definitions``), so load runs never import dbt.
+"""
 
 import dagster as dg
 
-from iot_platform.defs.assets import load, pki, rollups
-from iot_platform.defs.checks import device_health_checks, device_health_job, device_health_schedule
-from iot_platform.defs.enrollment import enroll_device, revoke_certificate
-from iot_platform.defs.jobs import load_job
+from iot_platform import defs as platform_defs
 from iot_platform.defs.resources import build_resources
-from iot_platform.defs.sensors import raw_batch_sensor
 
-defs = dg.Definitions(
-    assets=[
-        load.raw_batches,
-        load.load_raw_batches,
-        *dg.load_assets_from_modules([rollups]),
-        pki.crl,
-        pki.device_certificates,
-    ],
-    asset_checks=[
-        device_health_checks,
-        pki.crl_not_expiring,
-        pki.certificates_expiring_soon,
-        pki.devices_without_valid_certificate,
-    ],
-    jobs=[load_job, device_health_job, enroll_device, revoke_certificate, pki.crl_refresh_job],
-    sensors=[raw_batch_sensor],
-    schedules=[device_health_schedule, pki.crl_refresh_schedule],
+defs = dg.load_definitions_from_package_module(
+    platform_defs,
     resources=build_resources(),
     # One process per run, not per step: on a small machine a subprocess per step (each
     # importing Dagster, Polars and the definitions) was most of the publish->query delay.

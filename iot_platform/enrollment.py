@@ -1,6 +1,6 @@
 """Device enrollment and certificate revocation against the registry, in one transaction each.
 
-The Dagster jobs (``iot_platform.defs.enrollment``) are thin wrappers around these
+The Dagster jobs (``iot_platform.defs.pki.enrollment``) are thin wrappers around these
 functions, so the Launchpad, the GraphQL API and the operator CLI share one code path.
 
 Re-enrollment policy: enrolling an enrolled device issues a new certificate and keeps

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 
 import psycopg
 
-from iot_platform.defs.enrollment import ACTOR_TAG
 from iot_platform.enrollment import certificates
 from iot_platform.launcher import JobLauncher, LaunchError
 from iot_platform.pki import device_paths
+from iot_platform.pki_runs import ACTOR_TAG, ENROLL
 from iot_platform.settings import PlatformSettings
 from iot_platform.simulator import CONTROLLER_PARAMETERS, FAULTS, Fleet, FleetReport, plan_fleet
 
@@ -50,21 +50,12 @@ def enroll_fleet(
         cert, key = device_paths(settings.certs_dir, device.device_id)
         if device.device_id in valid and cert.exists() and key.exists():
             continue
-        outcome = launcher.run(
-            "enroll_device",
-            {
-                "ops": {
-                    "issue_certificate": {
-                        "config": {
-                            "device_id": device.device_id,
-                            "device_type": device.kind,
-                            "metadata": {"simulated": "true"},
-                        }
-                    }
-                }
-            },
-            tags={ACTOR_TAG: "simulator"},
-        )
+        config = {
+            "device_id": device.device_id,
+            "device_type": device.kind,
+            "metadata": {"simulated": "true"},
+        }
+        outcome = launcher.run(ENROLL.job, ENROLL.run_config(config), tags={ACTOR_TAG: "simulator"})
         if not outcome.succeeded:
             raise LaunchError(f"enrolling {device.device_id} failed: {'; '.join(outcome.errors)}")
         enrolled.append(device.device_id)

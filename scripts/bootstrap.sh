@@ -44,7 +44,7 @@ echo "==> pip install --no-deps -e ."
 "${pip[@]}" install -q --no-deps -e .
 "${pip[@]}" check
 
-# The dbt manifest the Dagster code location loads (iot_platform/defs/assets/dbt.py) is
+# The dbt manifest the Dagster code location loads (iot_platform/analytics_definitions.py) is
 # made here, at setup time, never while the code location loads. No database needed.
 echo "==> dbt parse (dbt_models/target/manifest.json)"
 .venv/bin/dbt parse --quiet --project-dir dbt_models --profiles-dir dbt_models

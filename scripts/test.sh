@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# README test command: install what is missing (incl. test tools), lint, type-check, run
-# every test.
+# README test command: install what is missing (incl. test tools), lint, type-check, check
+# the Dagster definitions, run every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh --dev
@@ -9,5 +9,8 @@ echo "==> ruff"
 .venv/bin/ruff format --check .
 echo "==> mypy"
 .venv/bin/mypy
+echo "==> dg check defs"
+# As a Dagster user's first command from a fresh clone: no DAGSTER_HOME, no IOT_* settings.
+env -u DAGSTER_HOME .venv/bin/dg check defs
 echo "==> pytest"
 exec .venv/bin/python -m pytest "$@"

@@ -72,7 +72,7 @@ def ensure_manifest() -> Path:
 @pytest.fixture(scope="module")
 def dbt_module():
     ensure_manifest()
-    from iot_platform.defs.assets import dbt as module  # needs the manifest at import
+    from iot_platform import analytics_definitions as module  # needs the manifest at import
 
     return module
 
@@ -428,13 +428,13 @@ def test_a_missing_manifest_names_the_command_to_run(dbt_module, tmp_path, monke
 
 
 def test_the_same_models_build_on_the_timescale_double(
-    dbt_module, timescale_double, tmp_path, monkeypatch
+    dbt_module, timescaledb, tmp_path, monkeypatch
 ):
     """Same models, TimescaleDB dialect (hypertable + continuous aggregates). The double
     is one shared session: the warehouse goes into a schema of its own, dropped after."""
     schema = f"wh_{secrets.token_hex(4)}"
     marts = f"{schema}_analytics"
-    with timescale_double.connect(autocommit=True) as conn:
+    with timescaledb.connect(autocommit=True) as conn:
         conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
         conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
@@ -448,7 +448,7 @@ def test_the_same_models_build_on_the_timescale_double(
             evaluate_health(conn)
             conn.autocommit = True
 
-            _pg_env(monkeypatch, timescale_double.conninfo)
+            _pg_env(monkeypatch, timescaledb.conninfo)
             # dbt qualifies relations with the profile's dbname; PGlite serves any dbname
             # from its one database, whose current_database() is `template1`.
             monkeypatch.setenv("IOT_PG_DB", conn.execute("SELECT current_database()").fetchone()[0])

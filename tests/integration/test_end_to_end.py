@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from iot_platform.defs.assets.keys import (
+from iot_platform.defs.keys import (
     DEVICE_EVENTS,
     TELEMETRY,
     TELEMETRY_1D,

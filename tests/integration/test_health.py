@@ -17,7 +17,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from iot_platform import health
-from iot_platform.defs.checks import device_health_checks
+from iot_platform.defs.health.checks import device_health_checks
 from iot_platform.defs.resources import ObjectStoreResource
 from iot_platform.health import PLATFORM, RULES, HealthSettings, evaluate
 from iot_platform.objectstore import LocalDirectoryStore

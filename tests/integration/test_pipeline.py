@@ -10,12 +10,13 @@ import dagster as dg
 import psycopg
 import pytest
 
-from iot_platform.defs.assets import load, rollups
-from iot_platform.defs.assets.keys import TELEMETRY_1D, TELEMETRY_1H, TELEMETRY_1M
-from iot_platform.defs.checks import device_health_checks, device_health_job
-from iot_platform.defs.jobs import load_job
+from iot_platform.defs.health.checks import device_health_checks, device_health_job
+from iot_platform.defs.ingest.raw_batches import raw_batches
+from iot_platform.defs.keys import TELEMETRY_1D, TELEMETRY_1H, TELEMETRY_1M
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
-from iot_platform.defs.sensors import raw_batch_sensor
+from iot_platform.defs.warehouse import load, rollups
+from iot_platform.defs.warehouse.jobs import load_job
+from iot_platform.defs.warehouse.sensors import raw_batch_sensor
 from iot_platform.discovery import Cursor, discover
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
 from iot_platform.rawbatch import BatchKey
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.integration
 NOW = dt.datetime(2026, 11, 22, 10, 30, tzinfo=dt.UTC)
 HOURS = ("2026-11-22-08:00", "2026-11-22-09:00")
 DEVICES = [f"dev-{n}" for n in range(4)]
-ASSETS = [load.raw_batches, load.load_raw_batches, *dg.load_assets_from_modules([rollups])]
+ASSETS = [raw_batches, load.load_raw_batches, *dg.load_assets_from_modules([rollups])]
 
 
 def _warehouse(conninfo: str) -> WarehouseResource:
@@ -76,7 +77,7 @@ def _materialize(resources, instance, partition, keys=None):
         run_config=config,
         resources=resources,
         instance=instance,
-        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(load.raw_batches.key),
+        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(raw_batches.key),
     )
     assert result.success
     return result

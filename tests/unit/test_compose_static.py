@@ -242,7 +242,7 @@ def scan_code() -> CodeEnv:
             for value in node:
                 yield from instance_env(value)
 
-    code.instance = set(instance_env(yaml.safe_load((ROOT / "dagster.yaml").read_text())))
+    code.instance = set(instance_env(yaml.safe_load((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text())))
     code.names |= code.instance
     return code
 
@@ -722,7 +722,7 @@ def test_dagster_services_agree_on_the_code_locations(services):
         home = PurePosixPath(environment(service)["DAGSTER_HOME"])
         mount = mount_for(service, home / "dagster.yaml")
         assert mount and mount.kind == "bind", f"{name}: dagster.yaml not mounted in {home}"
-        assert (COMPOSE_FILE.parent / mount.source).resolve() == ROOT / "dagster.yaml", name
+        assert (COMPOSE_FILE.parent / mount.source).resolve() == ROOT / "deploy" / "dagster" / "dagster.yaml", name
         storage = mount_for(service, home / "storage")
         assert storage and storage.kind == "volume" and storage.source == "dagster-storage", (
             f"{name}: compute logs must be on the volume the webserver reads"

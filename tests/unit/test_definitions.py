@@ -85,7 +85,7 @@ def test_instance_config_is_valid_and_reads_storage_from_env(tmp_path, monkeypat
     """Parse dagster.yaml with Dagster's own schema (no database needed)."""
     from dagster._core.instance.ref import InstanceRef
 
-    config = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    config = yaml.safe_load((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text())
     pg = config["storage"]["postgres"]["postgres_db"]
     assert {v["env"] for v in pg.values()} == {
         "IOT_PG_HOST",
@@ -94,7 +94,7 @@ def test_instance_config_is_valid_and_reads_storage_from_env(tmp_path, monkeypat
         "IOT_PG_PASSWORD",
         "IOT_DAGSTER_DB",
     }
-    (tmp_path / "dagster.yaml").write_text((ROOT / "dagster.yaml").read_text())
+    (tmp_path / "dagster.yaml").write_text((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text())
     for name in ("IOT_PG_HOST", "IOT_PG_USER", "IOT_PG_PASSWORD", "IOT_DAGSTER_DB"):
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("IOT_PG_PORT", "5432")

@@ -16,29 +16,14 @@ import dagster as dg
 from pydantic import Field
 
 from iot_platform.decode import DEFAULT_MAX_PAYLOAD_BYTES, TsWindow
-from iot_platform.defs.assets.keys import DEVICE_EVENTS, RAW_BATCHES, TELEMETRY
+from iot_platform.defs.keys import DEVICE_EVENTS, RAW_BATCHES, TELEMETRY
 from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
+from iot_platform.defs.warehouse.retry import LOAD_RETRY
 from iot_platform.objectstore import ObjectNotFound
 from iot_platform.rawbatch import hour_prefix
 from iot_platform.settings import PlatformSettings
 from iot_platform.warehouse.load import BatchLoad, known_devices, load_objects, load_parameters
-
-raw_batches = dg.AssetSpec(
-    key=RAW_BATCHES,
-    group_name="ingest",
-    partitions_def=hourly_partitions,
-    kinds={"parquet", "s3"},
-    description=(
-        "Raw MQTT traffic as zstd Parquet micro-batches written by the ingest daemon under "
-        "raw/v1/date=…/hour=…/ (DESIGN §5). External: observed by the raw batch sensor."
-    ),
-)
-
-# Loads share the warehouse; an outage (PostgreSQL restart, object store down) is retried
-# with backoff (5, 10, 20, 40, 80 s) instead of failing the hour. Raising the error is
-# what applies the backoff: a bare RetryRequested would retry at once.
-LOAD_RETRY = dg.RetryPolicy(max_retries=5, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 
 class LoadConfig(dg.Config):

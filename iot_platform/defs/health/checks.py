@@ -9,7 +9,7 @@ evaluation writes ``device_health`` rows (history).
 
 import dagster as dg
 
-from iot_platform.defs.assets.keys import TELEMETRY
+from iot_platform.defs.keys import TELEMETRY
 from iot_platform.defs.resources import WarehouseResource
 from iot_platform.health import RULES, HealthSettings, evaluate
 

@@ -14,9 +14,9 @@ import hashlib
 
 import dagster as dg
 
-from iot_platform.defs.assets.keys import RAW_BATCHES, TELEMETRY
-from iot_platform.defs.jobs import load_job
+from iot_platform.defs.keys import RAW_BATCHES, TELEMETRY
 from iot_platform.defs.resources import ObjectStoreResource
+from iot_platform.defs.warehouse.jobs import load_job
 from iot_platform.discovery import Cursor, Discovery, discover, plan_runs
 from iot_platform.objectstore import ObjectStoreError
 from iot_platform.settings import env_float, env_int

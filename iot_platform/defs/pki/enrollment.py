@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from iot_platform.defs.assets.keys import DEVICE_CERTIFICATES
+from iot_platform.defs.keys import DEVICE_CERTIFICATES
 from iot_platform.defs.resources import BrokerControlResource, PKIResource, WarehouseResource
 from iot_platform.enrollment import (
     Actor,
@@ -21,11 +21,8 @@ from iot_platform.enrollment import (
     revoke,
 )
 from iot_platform.pki import PKIError
+from iot_platform.pki_runs import ACTOR_TAG, ENROLL, PKI_JOB_TAGS, REVOKE
 from iot_platform.services.process import ServiceError
-
-# One PKI job at a time (dagster.yaml's tag concurrency limit), and never retried blindly.
-PKI_JOB_TAGS = {"iot/job": "pki"}
-ACTOR_TAG = "iot/actor"
 
 
 class EnrollDeviceConfig(dg.Config):
@@ -88,7 +85,10 @@ def _operator_error(exc: PKIError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False)
 
 
-@dg.op(description="Validate the request, register the device and issue its certificate.")
+@dg.op(
+    name=ENROLL.op,
+    description="Validate the request, register the device and issue its certificate.",
+)
 def issue_certificate(
     context: dg.OpExecutionContext,
     config: EnrollDeviceConfig,
@@ -146,7 +146,10 @@ def issue_certificate(
     yield dg.Output(cert.serial_hex)
 
 
-@dg.op(description="Revoke, re-sign the CRL, deny the identity at the broker, reload it.")
+@dg.op(
+    name=REVOKE.op,
+    description="Revoke, re-sign the CRL, deny the identity at the broker, reload it.",
+)
 def revoke_certificates(
     context: dg.OpExecutionContext,
     config: RevokeCertificateConfig,
@@ -189,11 +192,19 @@ def revoke_certificates(
     yield dg.Output(serials)
 
 
-@dg.job(tags=PKI_JOB_TAGS, description="Register a device and issue its client certificate.")
+@dg.job(
+    name=ENROLL.job,
+    tags=PKI_JOB_TAGS,
+    description="Register a device and issue its client certificate.",
+)
 def enroll_device():
     issue_certificate()
 
 
-@dg.job(tags=PKI_JOB_TAGS, description="Revoke a certificate (by serial) or all of a device's.")
+@dg.job(
+    name=REVOKE.job,
+    tags=PKI_JOB_TAGS,
+    description="Revoke a certificate (by serial) or all of a device's.",
+)
 def revoke_certificate():
     revoke_certificates()

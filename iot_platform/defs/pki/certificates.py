@@ -8,12 +8,13 @@ import datetime as dt
 
 import dagster as dg
 
-from iot_platform.defs.assets.keys import CRL, DEVICE_CERTIFICATES
-from iot_platform.defs.enrollment import PKI_JOB_TAGS, publish_to_broker
+from iot_platform.defs.keys import CRL, DEVICE_CERTIFICATES
+from iot_platform.defs.pki.enrollment import publish_to_broker
 from iot_platform.defs.resources import BrokerControlResource, PKIResource, WarehouseResource
 from iot_platform.enrollment import publish_crl
 from iot_platform.health import HealthSettings, expiring_certificates
 from iot_platform.pki import utcnow
+from iot_platform.pki_runs import PKI_JOB_TAGS
 from iot_platform.settings import CRL_REFRESH_HOURS
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from iot_platform.defs.assets.keys import (
+from iot_platform.defs.keys import (
     DEVICE_EVENTS,
     TELEMETRY,
     TELEMETRY_1D,
@@ -15,7 +15,7 @@ from iot_platform.defs.assets.keys import (
 load_job = dg.define_asset_job(
     name="load_raw_batches_job",
     # Without the device-health checks: they run in device_health_job at a fixed rate, so
-    # no device-level finding can skip the rollups or slow the live path (defs/checks.py).
+    # no device-level finding can skip the rollups or slow the live path (defs/health/checks.py).
     selection=dg.AssetSelection.assets(
         TELEMETRY, DEVICE_EVENTS, TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D
     ).without_checks(),

@@ -10,10 +10,10 @@ import time
 import dagster as dg
 from psycopg import sql
 
-from iot_platform.defs.assets.keys import TELEMETRY, TELEMETRY_1D, TELEMETRY_1H, TELEMETRY_1M
-from iot_platform.defs.assets.load import LOAD_RETRY
+from iot_platform.defs.keys import TELEMETRY, TELEMETRY_1D, TELEMETRY_1H, TELEMETRY_1M
 from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import WarehouseResource
+from iot_platform.defs.warehouse.retry import LOAD_RETRY
 from iot_platform.warehouse.aggregates import refresh
 
 

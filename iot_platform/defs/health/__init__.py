@@ -1,0 +1,1 @@
+"""Device health: the rules as asset checks, on their own schedule."""

@@ -1,0 +1,1 @@
+"""Ingest: the raw micro-batches the ingest daemon writes to object storage."""

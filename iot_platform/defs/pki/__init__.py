@@ -1,0 +1,1 @@
+"""PKI: enrollment and revocation jobs, the CRL, certificate checks."""
