@@ -378,3 +378,35 @@ class AlertSettings:
             slack_api_url=slack_api_url if slack_api_url.endswith("/") else slack_api_url + "/",
             timeout_s=env_float("IOT_ALERT_TIMEOUT_S", 10.0, minimum=0.5),
         )
+
+
+@dataclass(frozen=True)
+class LakeSettings:
+    """The compacted raw lake and the raw micro-batches' lifecycle (``iot_platform.lake``).
+
+    An hour is compacted once it closed ``lateness_s`` ago; micro-batches are deleted only
+    once loaded, compacted, verified and ``raw_retention_hours`` old. The load ledger must
+    outlive them (``RetentionSettings``): a raw batch without its ledger row is never
+    deleted, and would be loaded a second time if it were reloaded."""
+
+    lateness_s: float
+    file_max_rows: int
+    lookback_hours: int
+    raw_retention_hours: float
+
+    @classmethod
+    def from_env(cls) -> LakeSettings:
+        settings = cls(
+            lateness_s=env_float("IOT_LAKE_LATENESS_S", 1800, minimum=0),
+            file_max_rows=env_int("IOT_LAKE_FILE_MAX_ROWS", 2_000_000, minimum=1000),
+            lookback_hours=env_int("IOT_LAKE_LOOKBACK_HOURS", 48, minimum=1),
+            raw_retention_hours=env_float("IOT_RAW_BATCH_RETENTION_HOURS", 72, minimum=0),
+        )
+        ledger_days = RetentionSettings.from_env().ledger
+        if ledger_days is not None and ledger_days * 24 < settings.raw_retention_hours:
+            raise SettingsError(
+                f"IOT_RAW_BATCH_RETENTION_HOURS={settings.raw_retention_hours:g} outlives the "
+                f"load ledger IOT_RETENTION_LEDGER_DAYS={ledger_days:g}: a raw batch must be "
+                "deleted before its ledger row"
+            )
+        return settings

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ANY = "+"
+# Every family puts the device id at this level (0-based): ``root/{device_id}/...``.
+DEVICE_LEVEL = 1
 
 
 @dataclass(frozen=True)
