@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import psycopg
+from psycopg import sql
 
-from iot_platform.settings import warehouse_dialect_setting
+from iot_platform.settings import env_secret, warehouse_dialect_setting
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,24 @@ RETENTION_INDEXES = Migration(
     """,
 )
 
+GRAFANA_ROLE = "iot_grafana"
+GRAFANA_READER = Migration(
+    8,
+    "read-only role for Grafana",
+    # Dashboards read the warehouse as iot_grafana: SELECT on every table and view of the
+    # warehouse schema (also those later migrations create), read-only transactions and a
+    # statement timeout, so a heavy panel cannot hold locks or run for ever. The role is
+    # created NOLOGIN; grant_grafana_login gives it a password from a secret setting.
+    common=f"""
+    DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{GRAFANA_ROLE}') THEN CREATE ROLE {GRAFANA_ROLE} NOLOGIN; END IF; END $$;
+    ALTER ROLE {GRAFANA_ROLE} SET default_transaction_read_only = on;
+    ALTER ROLE {GRAFANA_ROLE} SET statement_timeout = '30s';
+    DO $$ BEGIN EXECUTE format('GRANT USAGE ON SCHEMA %I TO {GRAFANA_ROLE}', current_schema()); END $$;
+    DO $$ BEGIN EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA %I TO {GRAFANA_ROLE}', current_schema()); END $$;
+    DO $$ BEGIN EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA %I GRANT SELECT ON TABLES TO {GRAFANA_ROLE}', current_schema()); END $$;
+    """,  # noqa: E501 - one line per DO block: _statements splits at ';' line ends
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE,
     TIME_BUCKET,
@@ -292,6 +311,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     HEALTH_HISTORY_AGE,
     STATUS_BY_RECEIVE_TIME,
     RETENTION_INDEXES,
+    GRAFANA_READER,
 )
 
 
@@ -372,7 +392,27 @@ def migrate(conn: psycopg.Connection, requested: str | None = None) -> tuple[Dia
             if statements:
                 applied_now.append(f"{migration.version:03d} {migration.name}")
                 log.info("warehouse migration %03d (%s) applied", migration.version, migration.name)
+        grant_grafana_login(conn)
     return dialect, applied_now
+
+
+def grant_grafana_login(conn: psycopg.Connection) -> bool:
+    """Let Grafana's read-only role log in with ``IOT_GRAFANA_DB_PASSWORD`` (or ``_FILE``)
+    when it is set; without it the role stays NOLOGIN. Runs on every migrate, so a changed
+    secret takes effect at the next start. libpq turns the password into a SCRAM verifier
+    here: the server (and its statement log) never sees the password itself."""
+    secret = env_secret("IOT_GRAFANA_DB_PASSWORD")
+    if secret is None:
+        return False
+    verifier = conn.pgconn.encrypt_password(
+        secret.value.encode(), GRAFANA_ROLE.encode(), b"scram-sha-256"
+    )
+    conn.execute(
+        sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
+            sql.Identifier(GRAFANA_ROLE), sql.Literal(verifier.decode())
+        )
+    )
+    return True
 
 
 def current_dialect(conn: psycopg.Connection) -> Dialect:

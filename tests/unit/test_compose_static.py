@@ -55,6 +55,8 @@ EXPECTED_SERVICES = {
     "dagster-webserver",
     "dagster-daemon",
     "ingest",
+    "prometheus",
+    "grafana",
 }
 # The minimum the compose stack must provide even before the code that reads a name
 # lands (e.g. the object-store module); everything else comes from scanning the code.
@@ -242,7 +244,9 @@ def scan_code() -> CodeEnv:
             for value in node:
                 yield from instance_env(value)
 
-    code.instance = set(instance_env(yaml.safe_load((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text())))
+    code.instance = set(
+        instance_env(yaml.safe_load((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text()))
+    )
     code.names |= code.instance
     return code
 
@@ -722,7 +726,9 @@ def test_dagster_services_agree_on_the_code_locations(services):
         home = PurePosixPath(environment(service)["DAGSTER_HOME"])
         mount = mount_for(service, home / "dagster.yaml")
         assert mount and mount.kind == "bind", f"{name}: dagster.yaml not mounted in {home}"
-        assert (COMPOSE_FILE.parent / mount.source).resolve() == ROOT / "deploy" / "dagster" / "dagster.yaml", name
+        assert (
+            COMPOSE_FILE.parent / mount.source
+        ).resolve() == ROOT / "deploy" / "dagster" / "dagster.yaml", name
         storage = mount_for(service, home / "storage")
         assert storage and storage.kind == "volume" and storage.source == "dagster-storage", (
             f"{name}: compute logs must be on the volume the webserver reads"
@@ -781,3 +787,41 @@ def test_timescaledb_init_scripts_are_mounted_one_by_one(services):
             assert name.startswith(("POSTGRES_", "PG")) or env.get(name), (
                 f"{script.name} reads {name}, not given to timescaledb"
             )
+
+
+# ---- operations: Prometheus and Grafana ------------------------------------------------
+
+
+def test_prometheus_and_grafana_run_unprivileged_on_the_provisioned_files(services):
+    for name in ("prometheus", "grafana"):
+        service = services[name]
+        uid = str(service.get("user", "")).split(":")[0]
+        assert uid.isdigit() and uid != "0", f"{name} must run as a non-root uid"
+        assert service.get("cap_drop") == ["ALL"], name
+    prometheus = services["prometheus"]
+    flags = dict(arg.split("=", 1) for arg in command(prometheus) if "=" in arg)
+    config = PurePosixPath(flags["--config.file"])
+    mount = mount_for(prometheus, config)
+    assert mount and mount.kind == "bind" and mount.read_only
+    assert (COMPOSE_FILE.parent / mount.source / config.relative_to(mount.target)).is_file()
+    data = mount_for(prometheus, PurePosixPath(flags["--storage.tsdb.path"]))
+    assert data and data.kind == "volume" and not data.read_only
+
+    grafana = services["grafana"]
+    env = environment(grafana)
+    provisioning = ROOT / "deploy" / "grafana" / "provisioning" / "datasources"
+    for path in provisioning.glob("*.yml"):
+        config = yaml.safe_load(path.read_text())
+        for _where, value in walk_strings(config):
+            for var in re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", value):
+                assert env.get(var), f"{path.name} reads ${var}, not given to grafana"
+        for source in config["datasources"]:
+            host, _, port = source["url"].split("://")[-1].partition(":")
+            assert host in services, f"{source['name']}: {host} is not a compose service"
+            targets = {str(p).rsplit(":", 1)[-1] for p in services[host].get("ports", [])}
+            assert port in targets, f"{source['name']}: {host} does not listen on {port}"
+    db = environment(services["timescaledb"])
+    assert env["IOT_PG_DB"] == db["POSTGRES_DB"]
+    # dagster-code's migrations set the password Grafana's datasource logs in with
+    code_env = environment(services["dagster-code"])
+    assert env["IOT_GRAFANA_DB_PASSWORD"] == code_env["IOT_GRAFANA_DB_PASSWORD"]
