@@ -82,7 +82,7 @@ def _launch(settings: PlatformSettings, job: PkiJob, config: dict) -> RunOutcome
     """Run a PKI job through the Dagster webserver, exactly as a Launchpad launch."""
     from iot_platform.launcher import JobLauncher
 
-    launcher = JobLauncher(settings.dagster_host, settings.dagster_port)
+    launcher = JobLauncher.from_settings(settings)
     outcome = launcher.run(
         job.job,
         job.run_config(config),

@@ -10,12 +10,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from dagster import DagsterRunStatus
 from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from iot_platform.services.process import ServiceError
+from iot_platform.settings import PlatformSettings, Secret, dagster_auth_header
 
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
@@ -117,13 +119,55 @@ def materializations(events: list[dict[str, Any]]) -> list[dict[str, str]]:
     ]
 
 
-class JobLauncher:
-    """Submit a job run and wait for its end, reporting the step errors an operator needs."""
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
-    def __init__(self, host: str, port: int, *, timeout_s: float = 300) -> None:
-        self.base_url = f"http://{host}:{port}"
+
+class JobLauncher:
+    """Submit a job run and wait for its end, reporting the step errors an operator needs.
+
+    ``auth_header`` is the ``Authorization`` value for an authenticating proxy in front of
+    the webserver (docs/kubernetes.md); it is sent with every request and never printed."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout_s: float = 300,
+        https: bool = False,
+        path_prefix: str = "",
+        auth_header: Secret | None = None,
+    ) -> None:
+        if auth_header is not None and not https and host not in LOOPBACK:
+            raise LaunchError(
+                f"refusing to send IOT_DAGSTER_AUTH_HEADER to {host} over plain http: "
+                "use an https IOT_DAGSTER_URL"
+            )
+        self.base_url = f"{'https' if https else 'http'}://{host}:{port}{path_prefix}"
         self.timeout_s = timeout_s
-        self._client = DagsterGraphQLClient(host, port_number=port, timeout=30)
+        self._headers = {"Authorization": auth_header.value} if auth_header else {}
+        self._client = DagsterGraphQLClient(
+            host,
+            port_number=port,
+            use_https=https,
+            path_prefix=path_prefix,
+            headers=self._headers,
+            timeout=30,
+        )
+
+    @classmethod
+    def from_settings(cls, settings: PlatformSettings, *, timeout_s: float = 300) -> JobLauncher:
+        """The webserver at IOT_DAGSTER_URL, with the proxy's IOT_DAGSTER_AUTH_HEADER."""
+        url = urlsplit(settings.dagster_url)
+        https = url.scheme == "https"
+        return cls(
+            url.hostname or "",
+            url.port or (443 if https else 80),
+            timeout_s=timeout_s,
+            https=https,
+            path_prefix=url.path.rstrip("/"),
+            auth_header=dagster_auth_header(),
+        )
 
     def run(
         self,
@@ -188,6 +232,7 @@ class JobLauncher:
             response = requests.post(
                 f"{self.base_url}/graphql",
                 json={"query": query, "variables": variables},
+                headers=self._headers,
                 timeout=30,
             )
             response.raise_for_status()

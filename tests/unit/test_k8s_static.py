@@ -47,7 +47,10 @@ from tests.unit.test_compose_static import SECRET_NAME, CodeEnv, is_pinned, scan
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 BASE = K8S / "base"
+AUTH = K8S / "auth"
+KUSTOMIZATIONS = (BASE, AUTH)
 VALUES = K8S / "dagster-values.yaml"
+INGRESS_VALUES = K8S / "dagster-values-ingress.yaml"
 DOCS = ROOT / "docs" / "kubernetes.md"
 # The oldest Kubernetes minor the manifests are meant for, and the newest the package ships.
 KUBERNETES_VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
@@ -58,6 +61,12 @@ LIBRARY_VARIABLES = {
     "SSL_CERT_FILE": "OpenSSL's default trust (urllib3 under the object store)",
 }
 USER_CODE_PORT = 3030
+# Images that are neither ours nor Dagster's, and what they are for.
+THIRD_PARTY_IMAGES = {
+    "docker.io/library/postgres": "the chart's init container waiting for PostgreSQL",
+    "docker.io/library/busybox": "the chart's init container waiting for the code servers",
+    "quay.io/oauth2-proxy/oauth2-proxy": "authentication in front of the UI's ingress",
+}
 
 
 # ---- loading ---------------------------------------------------------------------------
@@ -67,14 +76,19 @@ def load_all(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-@pytest.fixture(scope="module")
-def kustomization() -> dict[str, Any]:
-    return yaml.safe_load((BASE / "kustomization.yaml").read_text())
+def kustomization(directory: Path) -> dict[str, Any]:
+    return yaml.safe_load((directory / "kustomization.yaml").read_text())
 
 
 @pytest.fixture(scope="module")
-def objects(kustomization: dict[str, Any]) -> list[dict[str, Any]]:
-    return [doc for name in kustomization["resources"] for doc in load_all(BASE / name)]
+def objects() -> list[dict[str, Any]]:
+    """Every object of every kustomization (base, auth)."""
+    return [
+        doc
+        for directory in KUSTOMIZATIONS
+        for name in kustomization(directory)["resources"]
+        for doc in load_all(directory / name)
+    ]
 
 
 def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -85,6 +99,11 @@ def the(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def values() -> dict[str, Any]:
     return yaml.safe_load(VALUES.read_text())
+
+
+@pytest.fixture(scope="module")
+def ingress_values() -> dict[str, Any]:
+    return yaml.safe_load(INGRESS_VALUES.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -196,20 +215,22 @@ def images(node: Any) -> Iterator[str]:
 # ---- schema validation -------------------------------------------------------------------
 
 
-def test_the_kustomization_lists_every_manifest_and_nothing_it_would_transform(kustomization):
-    assert set(kustomization) <= {"apiVersion", "kind", "namespace", "labels", "resources"}, (
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda d: d.name)
+def test_the_kustomization_lists_every_manifest_and_nothing_it_would_transform(directory):
+    spec = kustomization(directory)
+    assert set(spec) <= {"apiVersion", "kind", "namespace", "labels", "resources"}, (
         "a transformer this test does not model: the validated files would not be what "
         "kustomize renders"
     )
-    listed = set(kustomization["resources"])
-    on_disk = {p.name for p in BASE.glob("*.yaml")} - {"kustomization.yaml"}
+    listed = set(spec["resources"])
+    on_disk = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml"}
     assert listed == on_disk, f"listed, missing: {listed - on_disk}; unlisted: {on_disk - listed}"
-    for label in kustomization.get("labels", []):
+    for label in spec.get("labels", []):
         assert not label.get("includeSelectors"), "selectors must not change under an upgrade"
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_base_manifests_are_valid_kubernetes(objects, version):
+def test_manifests_are_valid_kubernetes(objects, version):
     assert objects
     for obj in objects:
         try:
@@ -244,10 +265,12 @@ def test_the_schema_check_fails_on_a_misspelt_field(ingest):
 # ---- images ------------------------------------------------------------------------------
 
 
-def test_images_are_pinned_ours_to_the_project_version_dagsters_to_its_pin(objects, values):
+def test_images_are_pinned_ours_to_the_project_version_dagsters_to_its_pin(
+    objects, values, ingress_values
+):
     ours = f"iot-platform:{pyproject()['project']['version']}"
     dagster = pinned("dagster")
-    found = [*images(objects), *images(values)]
+    found = [*images(objects), *images(values), *images(ingress_values)]
     assert len(found) >= 6
     for image in found:
         repository, _, tag = image.rpartition(":")
@@ -258,8 +281,8 @@ def test_images_are_pinned_ours_to_the_project_version_dagsters_to_its_pin(objec
             assert image.endswith(ours), f"{image}: the project's image is {ours}"
         elif repository.startswith("docker.io/dagster/"):
             assert tag == dagster, f"{image}: Dagster's images must match dagster=={dagster}"
-        else:  # the chart's init containers (waiting for PostgreSQL and the code servers)
-            assert repository.startswith("docker.io/library/"), f"{image}: whose image?"
+        else:
+            assert repository in THIRD_PARTY_IMAGES, f"{image}: whose image, and what for?"
 
 
 def test_the_image_can_run_the_k8s_run_launcher():
@@ -336,15 +359,15 @@ def test_no_secret_is_inline(objects, values):
         )
     assert values["generatePostgresqlPasswordSecret"] is False
     assert "postgresqlPassword" not in values["postgresql"], "the chart would make a Secret of it"
-    text = VALUES.read_text() + "".join(p.read_text() for p in BASE.glob("*.yaml"))
+    text = "".join(p.read_text() for p in K8S.rglob("*.yaml"))
     assert "change-me" not in text and "BEGIN " not in text
 
 
-def test_the_secrets_used_are_the_ones_the_docs_create(objects, values):
+def test_the_secrets_used_are_the_ones_the_docs_create(objects, values, ingress_values):
     documented = documented_secrets()
     assert documented, "docs/kubernetes.md creates no Secret (`kubectl -n iot create secret`)"
     used: dict[str, set[str]] = {}
-    for name, key in secret_references([objects, chart_pods(values)]):
+    for name, key in secret_references([objects, chart_pods(values), ingress_values]):
         used.setdefault(name, set())
         if key:
             used[name].add(key)
@@ -676,3 +699,84 @@ def test_the_pki_one_shot_gets_what_pki_init_needs(
     settings_under(env, tmp_path, monkeypatch)
     settings = PlatformSettings.from_env()
     assert settings.broker_service_name != settings.broker_host, "devices dial a public name"
+
+
+# ---- only operators reach the UI -------------------------------------------------------------
+
+
+def chart_ingress(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The Ingress the chart renders for the webserver from ``values['ingress']``."""
+    ingress = values["ingress"]
+    web = ingress["dagsterWebserver"]
+    spec: dict[str, Any] = {
+        "ingressClassName": ingress["ingressClassName"],
+        "rules": [
+            {
+                "host": web["host"],
+                "http": {
+                    "paths": [
+                        {
+                            "path": web["path"],
+                            "pathType": web["pathType"],
+                            "backend": {
+                                "service": {
+                                    "name": "dagster-dagster-webserver",
+                                    "port": {
+                                        "number": values["dagsterWebserver"]["service"]["port"]
+                                    },
+                                }
+                            },
+                        }
+                    ]
+                },
+            }
+        ],
+    }
+    if web["tls"]["enabled"]:
+        spec["tls"] = [{"hosts": [web["host"]], "secretName": web["tls"]["secretName"]}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": "dagster", "annotations": ingress["annotations"]},
+        "spec": spec,
+    }
+
+
+def test_the_ui_is_loopback_only_or_authenticated(values, ingress_values, objects):
+    # Loopback only: the default values publish nothing; port-forward binds 127.0.0.1.
+    assert not values.get("ingress", {}).get("enabled"), "dagster-values.yaml: no ingress"
+    assert values["dagsterWebserver"]["service"]["type"] == "ClusterIP"
+    # Every values file that opens an ingress opens it behind oauth2-proxy, over TLS, and
+    # none publishes the webserver's Service itself.
+    opened = []
+    for path in sorted(K8S.glob("dagster-values*.yaml")):
+        layer = yaml.safe_load(path.read_text())
+        service = layer.get("dagsterWebserver", {}).get("service", {})
+        assert service.get("type", "ClusterIP") == "ClusterIP", f"{path.name} publishes the UI"
+        if layer.get("ingress", {}).get("enabled"):
+            opened.append(path.name)
+    assert opened == [INGRESS_VALUES.name], f"ingresses: {opened}"
+    merged = {**values, **ingress_values}
+    ingress = chart_ingress(merged)
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(ingress, version, strict=True)
+    annotations = ingress["metadata"]["annotations"]
+    auth = re.fullmatch(
+        r"http://([a-z0-9-]+)\.iot\.svc\.cluster\.local:(\d+)/oauth2/auth",
+        annotations["nginx.ingress.kubernetes.io/auth-url"],
+    )
+    assert auth, "every request to the UI is checked by oauth2-proxy's /oauth2/auth"
+    service = the(objects, "Service", auth.group(1))
+    assert int(auth.group(2)) in {p["port"] for p in service["spec"]["ports"]}
+    assert ingress["spec"]["tls"], "credentials and session cookies only over TLS"
+    proxy = the(objects, "Deployment", auth.group(1))
+    assert service["spec"]["selector"].items() <= (
+        proxy["spec"]["template"]["metadata"]["labels"].items()
+    )
+    args = pod_spec(proxy)["containers"][0]["args"]
+    assert "--upstream=static://202" in args, "an auth endpoint, not a second way to the UI"
+    assert "--skip-jwt-bearer-tokens=true" in args, "the operator CLI sends a bearer token"
+    assert not [a for a in args if a.startswith(("--skip-auth", "--whitelist"))], args
+    # The login flow's paths live on the UI's host.
+    (login,) = [o for o in objects if o["kind"] == "Ingress"]
+    assert login["spec"]["rules"][0]["host"] == ingress["spec"]["rules"][0]["host"]
