@@ -336,6 +336,8 @@ class EmbeddedStack:
                 f"  (password: {s.home / 'secrets' / 'pg_password'})",
                 f"  Warehouse    {self.warehouse_dialect}",
                 f"  Simulator    {self._simulator_summary()}",
+                "  Grafana      iot-platform dashboards import --grafana-url URL"
+                "  (your Grafana; README: Operations)",
                 f"  State, logs  {s.home}  ({self.logs})",
             ]
         )

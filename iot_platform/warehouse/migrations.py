@@ -18,7 +18,7 @@ from enum import StrEnum
 import psycopg
 from psycopg import sql
 
-from iot_platform.settings import env_secret, warehouse_dialect_setting
+from iot_platform.settings import Secret, env_secret, warehouse_dialect_setting
 
 log = logging.getLogger(__name__)
 
@@ -392,20 +392,21 @@ def migrate(conn: psycopg.Connection, requested: str | None = None) -> tuple[Dia
             if statements:
                 applied_now.append(f"{migration.version:03d} {migration.name}")
                 log.info("warehouse migration %03d (%s) applied", migration.version, migration.name)
-        grant_grafana_login(conn)
+        grant_grafana_login(conn, env_secret("IOT_GRAFANA_DB_PASSWORD"))
     return dialect, applied_now
 
 
-def grant_grafana_login(conn: psycopg.Connection) -> bool:
-    """Let Grafana's read-only role log in with ``IOT_GRAFANA_DB_PASSWORD`` (or ``_FILE``)
-    when it is set; without it the role stays NOLOGIN. Runs on every migrate, so a changed
-    secret takes effect at the next start. libpq turns the password into a SCRAM verifier
-    here: the server (and its statement log) never sees the password itself."""
-    secret = env_secret("IOT_GRAFANA_DB_PASSWORD")
-    if secret is None:
+def grant_grafana_login(conn: psycopg.Connection, password: Secret | None) -> bool:
+    """Let Grafana's read-only role log in with ``password``; None leaves it as it is
+    (NOLOGIN until a password is given). ``migrate`` passes ``IOT_GRAFANA_DB_PASSWORD`` (or
+    ``_FILE``) on every run, so a changed secret takes effect at the next start;
+    ``iot-platform dashboards import`` passes the embedded stack's generated one. libpq
+    turns the password into a SCRAM verifier here: the server (and its statement log)
+    never sees the password itself."""
+    if password is None:
         return False
     verifier = conn.pgconn.encrypt_password(
-        secret.value.encode(), GRAFANA_ROLE.encode(), b"scram-sha-256"
+        password.value.encode(), GRAFANA_ROLE.encode(), b"scram-sha-256"
     )
     conn.execute(
         sql.SQL("ALTER ROLE {} WITH LOGIN PASSWORD {}").format(
