@@ -13,7 +13,7 @@ from iot_platform.pki import PKIError, device_paths
 from iot_platform.pki_runs import ACTOR_TAG, ENROLL, REVOKE, PkiJob
 from iot_platform.services.mosquitto import BrokerConfig, reload_broker
 from iot_platform.services.process import ServiceError
-from iot_platform.settings import PlatformSettings, SettingsError
+from iot_platform.settings import PlatformSettings, SettingsError, env_secret, env_str
 
 if TYPE_CHECKING:
     from iot_platform.enrollment import CertificateRow, RevocationReason
@@ -40,6 +40,21 @@ def _cmd_pki_init(settings: PlatformSettings, _args: argparse.Namespace) -> int:
 
 
 def _cmd_broker_config(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    if args.broker == "emqx":
+        from iot_platform.services.emqx import EmqxConfig
+
+        emqx = EmqxConfig(
+            port=args.port or settings.broker_port,
+            certs_dir=Path(args.certs_dir or settings.certs_dir),
+            config_dir=Path(args.out_dir),
+            bind_address=args.bind,
+            max_inflight=settings.broker_max_inflight,
+            max_queued=settings.broker_max_queued,
+        )
+        print(f"wrote {emqx.write()} and {emqx.config_dir / 'acl.conf'}")
+        return 0
+    if not args.data_dir:
+        raise SettingsError("--data-dir is required for Mosquitto (its persistence directory)")
     config = BrokerConfig(
         port=args.port or settings.broker_port,
         certs_dir=Path(args.certs_dir or settings.certs_dir),
@@ -246,6 +261,42 @@ def _cmd_simulate(settings: PlatformSettings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboards_import(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    """Grafana for the embedded stack: give the warehouse's read-only role a login (the
+    generated ``$IOT_HOME/secrets/grafana_db_password`` unless IOT_GRAFANA_DB_PASSWORD is
+    set), then import the folder, datasources and dashboards of deploy/grafana/."""
+    import psycopg
+
+    from iot_platform.grafana import Grafana, GrafanaError, Targets, dashboards_present, import_all
+    from iot_platform.stack import local_secret, warehouse_conninfo
+    from iot_platform.warehouse.migrations import grant_grafana_login, migrate
+
+    if not dashboards_present():
+        raise SettingsError("deploy/grafana/ is not here: run from the source checkout")
+    reader = local_secret(settings, "IOT_GRAFANA_DB_PASSWORD", "grafana_db_password")
+    with psycopg.connect(warehouse_conninfo(settings)) as conn:
+        migrate(conn)
+        grant_grafana_login(conn, reader)
+    grafana = Grafana(
+        args.grafana_url,
+        token=env_secret("IOT_GRAFANA_TOKEN"),
+        user=env_str("IOT_GRAFANA_USER", ""),
+        password=env_secret("IOT_GRAFANA_PASSWORD"),
+    )
+    targets = Targets(
+        settings.pg_host, settings.pg_port, settings.pg_database, reader, args.prometheus_url
+    )
+    try:
+        urls = import_all(grafana, targets)
+    except GrafanaError as exc:
+        print(f"iot-platform: Grafana refused the import: {exc}", file=sys.stderr)
+        return 1
+    print("imported into Grafana (folder 'IoT platform'):")
+    for url in urls:
+        print(f"  {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="iot-platform", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -264,13 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     broker = commands.add_parser("broker", help="Mosquitto configuration").add_subparsers(
         dest="broker_command", required=True
     )
-    config = broker.add_parser("config", help="render mosquitto.conf and acl from the templates")
-    config.add_argument("--out-dir", required=True, help="where mosquitto.conf and acl go")
-    config.add_argument("--data-dir", required=True, help="broker persistence directory")
+    config = broker.add_parser(
+        "config", help="render the broker's config and ACL (Mosquitto or EMQX) from the templates"
+    )
+    config.add_argument(
+        "--broker",
+        choices=("mosquitto", "emqx"),
+        default="mosquitto",
+        help="mosquitto (mosquitto.conf, acl) or the scale-out emqx (emqx.conf, acl.conf)",
+    )
+    config.add_argument("--out-dir", required=True, help="where the config and the ACL go")
+    config.add_argument("--data-dir", help="Mosquitto's persistence directory (mosquitto only)")
     config.add_argument("--certs-dir", help="where the broker reads ca.crt, broker.*, crl.pem")
     config.add_argument("--port", type=int, help="listener port (default IOT_BROKER_PORT)")
     config.add_argument("--bind", default="0.0.0.0", help="listener address")  # noqa: S104
-    config.add_argument("--run-as", help="`user` Mosquitto drops privileges to")
+    config.add_argument("--run-as", help="`user` Mosquitto drops privileges to (mosquitto only)")
     config.set_defaults(handler=_cmd_broker_config)
     reload_cmd = broker.add_parser("reload", help="SIGHUP the broker so it re-reads the CRL")
     reload_cmd.add_argument("--pid-file", help="default: IOT_HOME/mosquitto/data/mosquitto.pid")
@@ -332,6 +391,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("--prefix", default="sim", help="device id prefix (default sim)")
     simulate.set_defaults(handler=_cmd_simulate)
+
+    dashboards = commands.add_parser(
+        "dashboards", help="Grafana dashboards (deploy/grafana/)"
+    ).add_subparsers(dest="dashboards_command", required=True)
+    grafana_import = dashboards.add_parser(
+        "import",
+        help="create or replace the platform's folder, datasources and dashboards in a Grafana "
+        "(auth: IOT_GRAFANA_TOKEN, or IOT_GRAFANA_USER + IOT_GRAFANA_PASSWORD)",
+    )
+    grafana_import.add_argument("--grafana-url", required=True, help="e.g. http://127.0.0.1:3001")
+    grafana_import.add_argument(
+        "--prometheus-url",
+        default="http://127.0.0.1:9090",
+        help="the Prometheus the Pipeline dashboard reads (default http://127.0.0.1:9090)",
+    )
+    grafana_import.set_defaults(handler=_cmd_dashboards_import)
     return parser
 
 
