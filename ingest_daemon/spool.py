@@ -8,22 +8,12 @@ writes the same key (a replay overwrites, never duplicates).
 from __future__ import annotations
 
 import builtins
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from iot_platform.files import atomic_write, remove_partials
 from iot_platform.rawbatch import KEY_ROOT
-
-_TMP_SUFFIX = ".partial"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:
@@ -34,8 +24,7 @@ class Spool:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.rglob(f"*{_TMP_SUFFIX}"):  # a crash mid-write: never acked
-            leftover.unlink()
+        remove_partials(root)  # a crash mid-write: never acknowledged
         self._bytes = sum(p.stat().st_size for p in self._files())
         self._count = sum(1 for _ in self._files())
 
@@ -65,15 +54,8 @@ class Spool:
             if not self.has_room_for(len(data)):
                 return False
             path = self._path(key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + _TMP_SUFFIX)
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
             replaced = path.stat().st_size if path.exists() else None
-            os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            atomic_write(path, data)
             self._bytes += len(data) - (replaced or 0)
             self._count += 0 if replaced is not None else 1
             return True

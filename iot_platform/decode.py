@@ -104,9 +104,9 @@ import pyarrow as pa
 import pyarrow.json as pajson
 from polars.datatypes import DataTypeClass
 
+from iot_platform.device_ids import DEVICE_ID_REGEX
 from iot_platform.topics import routing_pattern, v2_kinds
 
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # = iot_platform.pki.DEVICE_ID_PATTERN
 PARAM_DEVICE_ID_PATTERN = r"^f2-[0-9A-Fa-f]{12}$"
 METRIC_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
 UNIT_PATTERN = r"^[^\x00-\x1f\x7f]{0,32}$"
@@ -374,7 +374,7 @@ def _classify_topics(topics: pl.Series) -> pl.DataFrame:
     pattern_ok = (
         pl.when(fam == "param")
         .then(device.str.contains(PARAM_DEVICE_ID_PATTERN))
-        .otherwise(device.str.contains(DEVICE_ID_PATTERN))
+        .otherwise(device.str.contains(DEVICE_ID_REGEX))
     )
     return frame.with_columns(
         topic_device=device,

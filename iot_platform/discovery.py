@@ -22,9 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from iot_platform.objectstore import ObjectStore
-from iot_platform.rawbatch import BatchKey, RawBatchError, hour_prefix
-
-_FIRST_FORMAT = "%Y%m%dT%H%M%S%fZ"
+from iot_platform.rawbatch import KEY_TIME_FORMAT, BatchKey, RawBatchError, hour_prefix
 
 
 @dataclass
@@ -91,7 +89,7 @@ def discover(
     # one hour ahead: a daemon's clock may run ahead of the sensor's
     while hour <= now + dt.timedelta(hours=1) and not capped:
         prefix = hour_prefix(hour)
-        start_after = prefix + floor.strftime(_FIRST_FORMAT) if hour <= floor else None
+        start_after = prefix + floor.strftime(KEY_TIME_FORMAT) if hour <= floor else None
         for info in store.list(prefix, start_after=start_after):
             listed += 1
             key = info.key

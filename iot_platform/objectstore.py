@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error
 
+from iot_platform.files import atomic_write, is_partial
 from iot_platform.settings import PlatformSettings, SettingsError, env_secret
 
 # S3 allows more, but raw batch keys only need these; refusing the rest keeps a key from
@@ -103,19 +103,8 @@ class LocalDirectoryStore:
             raise ObjectStoreUnavailable(f"{self.describe()}: {exc.strerror}") from exc
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(data)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self._path(key), data)
         except OSError as exc:
             raise ObjectStoreUnavailable(f"{self.describe()}: put {key}: {exc.strerror}") from exc
 
@@ -165,7 +154,7 @@ class LocalDirectoryStore:
             return
         names = []
         for entry in entries:
-            if entry.name.startswith(".tmp-"):
+            if is_partial(entry):
                 continue
             is_dir = entry.is_dir(follow_symlinks=False)
             names.append((entry.name + "/" if is_dir else entry.name, is_dir))

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+from iot_platform.device_ids import DEVICE_ID_PATTERN
+from iot_platform.files import atomic_write
+
 CA_COMMON_NAME = "IoT Platform CA"
 MIN_RSA_BITS = 2048
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
@@ -67,23 +67,12 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write key material atomically, created with mode 0600 (never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Replace a world-readable file atomically: a reader (the broker) sees old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    os.replace(tmp, path)
+    atomic_write(path, data, mode=0o644)
 
 
 def device_paths(certs_dir: Path, device_id: str) -> tuple[Path, Path]:

@@ -21,7 +21,7 @@ _KEY_PATTERN = re.compile(
     r"^raw/v1/date=(?P<date>\d{4}-\d{2}-\d{2})/hour=(?P<hour>\d{2})/"
     r"(?P<first>\d{8}T\d{12}Z)-(?P<instance>[A-Za-z0-9_-]{1,64})-(?P<seq>\d{8,})\.parquet$"
 )
-_FIRST_FORMAT = "%Y%m%dT%H%M%S%fZ"
+KEY_TIME_FORMAT = "%Y%m%dT%H%M%S%fZ"
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 RAW_SCHEMA = pa.schema(
@@ -51,7 +51,7 @@ class BatchKey:
     def key(self) -> str:
         first = self.first_received_at.astimezone(dt.UTC)
         return (
-            f"{hour_prefix(first)}{first.strftime(_FIRST_FORMAT)}-{self.instance}-{self.seq:08d}"
+            f"{hour_prefix(first)}{first.strftime(KEY_TIME_FORMAT)}-{self.instance}-{self.seq:08d}"
             ".parquet"
         )
 
@@ -65,7 +65,7 @@ class BatchKey:
         match = _KEY_PATTERN.match(key)
         if not match:
             raise RawBatchError(f"not a raw batch key: {key!r}")
-        first = dt.datetime.strptime(match["first"], _FIRST_FORMAT).replace(tzinfo=dt.UTC)
+        first = dt.datetime.strptime(match["first"], KEY_TIME_FORMAT).replace(tzinfo=dt.UTC)
         if (first.strftime("%Y-%m-%d"), f"{first.hour:02d}") != (match["date"], match["hour"]):
             raise RawBatchError(f"date/hour partition disagrees with the timestamp: {key!r}")
         return cls(first, match["instance"], int(match["seq"]))

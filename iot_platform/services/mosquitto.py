@@ -98,7 +98,7 @@ class BrokerConfig:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         write_public(self.config_dir / "acl", acl.encode())
         conf_path = self.config_dir / "mosquitto.conf"
-        conf_path.write_text(conf)
+        write_public(conf_path, conf.encode())
         return conf_path
 
 

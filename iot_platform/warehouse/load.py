@@ -32,43 +32,49 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from psycopg import errors, sql
 
-from iot_platform.decode import DEFAULT_TS_WINDOW, DecodedFrames, TsWindow, decode_raw
+from iot_platform.decode import (
+    DEFAULT_TS_WINDOW,
+    EVENTS_SCHEMA,
+    MESSAGES_SCHEMA,
+    REJECTS_SCHEMA,
+    TELEMETRY_SCHEMA,
+    UTC_US,
+    DecodedFrames,
+    TsWindow,
+    decode_raw,
+)
 from iot_platform.objectstore import ObjectInfo, ObjectStore
 from iot_platform.rawbatch import BatchKey, read_batch
 
 log = logging.getLogger(__name__)
 
-_STAGE_COLUMNS: dict[str, dict[str, str]] = {
-    "telemetry": {
-        "ts": "timestamptz",
-        "device_id": "text",
-        "metric": "text",
-        "value": "float8",
-        "unit": "text",
-    },
-    "device_events": {
-        "ts": "timestamptz",
-        "device_id": "text",
-        "msg_type": "text",
-        "seq": "bigint",
-        "body": "text",
-        "received_at": "timestamptz",
-    },
-    "device_messages": {
-        "device_id": "text",
-        "seq": "bigint",
-        "ts": "timestamptz",
-        "received_at": "timestamptz",
-        "msg_type": "text",
-    },
-    "decode_rejects": {
-        "received_at": "timestamptz",
-        "topic": "text",
-        "reason": "text",
-        "detail": "text",
-        "payload_excerpt": "text",
-    },
+# PostgreSQL type of each decoder column type (the staging tables' columns).
+_PG_TYPES: dict[pl.DataType, str] = {
+    UTC_US: "timestamptz",
+    pl.String(): "text",
+    pl.Float64(): "float8",
+    pl.Int64(): "bigint",
 }
+
+
+def _stage_columns(schema: pl.Schema, *stored: str) -> dict[str, str]:
+    """The columns a table stores, typed from the decoder's schema (the one definition of
+    each frame's columns); ``stored`` picks and orders them."""
+    return {name: _PG_TYPES[schema[name]] for name in stored}
+
+
+# The decoded columns each warehouse table stores (the rest, e.g. telemetry's received_at
+# and seq, serve decoding and de-duplication only).
+_STAGE_COLUMNS: dict[str, dict[str, str]] = {
+    "telemetry": _stage_columns(TELEMETRY_SCHEMA, "ts", "device_id", "metric", "value", "unit"),
+    "device_events": _stage_columns(EVENTS_SCHEMA, *EVENTS_SCHEMA.names()),
+    "device_messages": _stage_columns(MESSAGES_SCHEMA, *MESSAGES_SCHEMA.names()),
+    "decode_rejects": _stage_columns(REJECTS_SCHEMA, *REJECTS_SCHEMA.names()),
+}
+
+
+def _column_list(table: str) -> sql.Composed:
+    return sql.SQL(", ").join(map(sql.Identifier, _STAGE_COLUMNS[table]))
 
 
 @dataclass
@@ -454,10 +460,9 @@ def _insert_telemetry(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: i
     stage = _stage(conn, "telemetry", frame)
     cursor = conn.execute(
         sql.SQL(
-            """INSERT INTO telemetry (ts, device_id, metric, value, unit, batch_id)
-               SELECT ts, device_id, metric, value, unit, %s FROM {}
+            """INSERT INTO telemetry ({columns}, batch_id) SELECT {columns}, %s FROM {stage}
                ON CONFLICT (device_id, metric, ts) DO NOTHING"""
-        ).format(sql.Identifier(stage)),
+        ).format(columns=_column_list("telemetry"), stage=sql.Identifier(stage)),
         [batch_id],
     )
     return cursor.rowcount
@@ -489,9 +494,8 @@ def _insert_messages(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: in
     stage = _stage(conn, "device_messages", frame)
     conn.execute(
         sql.SQL(
-            """INSERT INTO device_messages (device_id, seq, ts, received_at, msg_type, batch_id)
-               SELECT device_id, seq, ts, received_at, msg_type, %s FROM {}"""
-        ).format(sql.Identifier(stage)),
+            "INSERT INTO device_messages ({columns}, batch_id) SELECT {columns}, %s FROM {stage}"
+        ).format(columns=_column_list("device_messages"), stage=sql.Identifier(stage)),
         [batch_id],
     )
 
@@ -502,10 +506,9 @@ def _insert_rejects(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: int
     stage = _stage(conn, "decode_rejects", frame)
     conn.execute(
         sql.SQL(
-            """INSERT INTO decode_rejects (batch_key, batch_id, received_at, topic, reason, detail,
-                   payload_excerpt)
-               SELECT %s, %s, received_at, topic, reason, detail, payload_excerpt FROM {}"""
-        ).format(sql.Identifier(stage)),
+            """INSERT INTO decode_rejects (batch_key, batch_id, {columns})
+               SELECT %s, %s, {columns} FROM {stage}"""
+        ).format(columns=_column_list("decode_rejects"), stage=sql.Identifier(stage)),
         [key, batch_id],
     )
 

@@ -14,7 +14,6 @@ import pytest
 
 from iot_platform import decode as decode_module
 from iot_platform.decode import (
-    DEVICE_ID_PATTERN,
     EVENTS_SCHEMA,
     MAX_ABS_VALUE,
     MAX_MEASUREMENTS,
@@ -26,8 +25,9 @@ from iot_platform.decode import (
     _byte_chunks,
     decode_raw,
 )
-from iot_platform.pki import DEVICE_ID_PATTERN as PKI_DEVICE_ID_PATTERN
+from iot_platform.device_ids import DEVICE_ID_REGEX
 from iot_platform.rawbatch import RAW_SCHEMA, encode_batch, read_batch
+from iot_platform.warehouse.migrations import CORE
 
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0, tzinfo=dt.UTC)
 MAC = "f2-a1b2c3d4e5f6"
@@ -113,8 +113,18 @@ def only_reject(out: DecodedFrames) -> dict:
 
 
 # ---- the happy paths, one per family ------------------------------------------------------
-def test_device_id_pattern_is_the_pki_one():
-    assert PKI_DEVICE_ID_PATTERN.pattern == DEVICE_ID_PATTERN
+def test_the_warehouse_checks_device_ids_with_the_one_pattern():
+    """Migration 1 is append-only history, so it carries the pattern as text: keep it equal."""
+    assert f"device_id ~ '{DEVICE_ID_REGEX}'" in CORE.common
+
+
+@pytest.mark.parametrize(
+    ("device_id", "valid"),
+    [("meter-01", True), ("A_b-9", True), ("-x", False), ("a.b", False), ("a" * 65, False)],
+)
+def test_the_decoder_applies_the_one_device_id_pattern(device_id, valid):
+    out = decode((f"iot/{device_id}/telemetry", envelope(device=device_id)))
+    assert (out.telemetry.height == 1) is valid, out.rejects
 
 
 def test_telemetry_envelope_explodes_measurements_with_ts_fallback():
