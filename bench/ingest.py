@@ -50,10 +50,11 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from iot_platform.broker_control import INGEST_IDENTITY
 from iot_platform.objectstore import LocalDirectoryStore
 from iot_platform.pki import CertificateAuthority, init_pki
 from iot_platform.rawbatch import KEY_ROOT, read_batch
-from iot_platform.services.mosquitto import INGEST_IDENTITY, BrokerConfig, MosquittoBroker
+from iot_platform.services.mosquitto import BrokerConfig, MosquittoBroker
 from iot_platform.services.process import ChildProcess, ServiceError, free_port, log_tail
 
 TIMEOUT_S = 600.0

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from iot_platform.broker_control import reload_broker
 from iot_platform.pki import PKIError, device_paths
 from iot_platform.pki_runs import ACTOR_TAG, ENROLL, REVOKE, PkiJob
-from iot_platform.services.mosquitto import BrokerConfig, reload_broker
+from iot_platform.services.mosquitto import BrokerConfig
 from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, SettingsError, env_secret, env_str
 

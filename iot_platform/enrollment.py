@@ -19,8 +19,8 @@ import psycopg
 from cryptography import x509
 from psycopg import errors
 
+from iot_platform.broker_control import INGEST_IDENTITY
 from iot_platform.pki import CertificateAuthority, IssuedCertificate, PKIError, validate_device_id
-from iot_platform.services.mosquitto import INGEST_IDENTITY
 
 MAX_METADATA_BYTES = 4096
 DEVICE_TYPE_MAX_LEN = 64

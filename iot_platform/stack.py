@@ -27,8 +27,9 @@ from types import FrameType
 import psycopg
 
 from ingest_daemon.config import DEFAULT_METRICS_PORT
+from iot_platform.broker_control import INGEST_IDENTITY
 from iot_platform.pki import CertificateAuthority, init_pki
-from iot_platform.services.mosquitto import INGEST_IDENTITY, BrokerConfig, MosquittoBroker
+from iot_platform.services.mosquitto import BrokerConfig, MosquittoBroker
 from iot_platform.services.postgres import PostgresServer
 from iot_platform.services.process import ChildProcess, ServiceError, port_is_open
 from iot_platform.settings import (

@@ -11,14 +11,14 @@ from typing import ClassVar
 import dagster as dg
 import psycopg
 
-from iot_platform.objectstore import LocalDirectoryStore, ObjectStore, S3Store
-from iot_platform.pki import CertificateAuthority
-from iot_platform.services.mosquitto import (
+from iot_platform.broker_control import (
     INGEST_IDENTITY,
     reload_broker,
     write_acl,
     write_denied_identities,
 )
+from iot_platform.objectstore import LocalDirectoryStore, ObjectStore, S3Store
+from iot_platform.pki import CertificateAuthority
 from iot_platform.settings import PlatformSettings, env_str
 from iot_platform.warehouse.migrations import Dialect, migrate
 

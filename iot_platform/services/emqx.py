@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
+from iot_platform.broker_control import INGEST_IDENTITY, read_denied_identities
 from iot_platform.pki import write_public
-from iot_platform.services.mosquitto import INGEST_IDENTITY, read_denied_identities
 from iot_platform.settings import MQTT_MAX_PACKET_BYTES, PlatformSettings
 from iot_platform.topics import DEVICE_READS, FAMILIES
 

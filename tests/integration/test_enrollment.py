@@ -16,11 +16,11 @@ import psycopg
 import pytest
 from cryptography import x509
 
+from iot_platform.broker_control import INGEST_IDENTITY, read_denied_identities
 from iot_platform.defs.pki import certificates as pki_assets
 from iot_platform.defs.pki.enrollment import enroll_device, revoke_certificate
 from iot_platform.defs.resources import BrokerControlResource, PKIResource
 from iot_platform.pki import CertificateAuthority, init_pki
-from iot_platform.services.mosquitto import INGEST_IDENTITY, read_denied_identities
 from iot_platform.warehouse.migrations import migrate
 from tests.integration.test_pipeline import _warehouse
 from tests.pki_helpers import make_csr, tamper_signature

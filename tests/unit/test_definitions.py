@@ -94,7 +94,9 @@ def test_instance_config_is_valid_and_reads_storage_from_env(tmp_path, monkeypat
         "IOT_PG_PASSWORD",
         "IOT_DAGSTER_DB",
     }
-    (tmp_path / "dagster.yaml").write_text((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text())
+    (tmp_path / "dagster.yaml").write_text(
+        (ROOT / "deploy" / "dagster" / "dagster.yaml").read_text()
+    )
     for name in ("IOT_PG_HOST", "IOT_PG_USER", "IOT_PG_PASSWORD", "IOT_DAGSTER_DB"):
         monkeypatch.setenv(name, "x")
     monkeypatch.setenv("IOT_PG_PORT", "5432")

@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from ingest_daemon.config import IngestSettings
+from iot_platform.broker_control import INGEST_IDENTITY, write_denied_identities
 from iot_platform.cli import main
 from iot_platform.services.emqx import EMQX_MAX_INFLIGHT, EmqxConfig
-from iot_platform.services.mosquitto import INGEST_IDENTITY, write_denied_identities
 from iot_platform.settings import PlatformSettings
 from iot_platform.topics import DEVICE_READS, FAMILIES, ingest_subscriptions
 

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from ingest_daemon.config import DEFAULT_TOPICS
+from iot_platform.broker_control import render_acl
 from iot_platform.decode import decode_raw
 from iot_platform.rawbatch import RAW_SCHEMA
-from iot_platform.services.mosquitto import render_acl
 from iot_platform.topics import FAMILIES
 
 DEVICE = "dev-1"
