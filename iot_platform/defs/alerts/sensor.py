@@ -115,10 +115,15 @@ def configured_channels(settings: AlertSettings) -> list[Channel]:
 
 
 def _known(cursor: str | None) -> dict[str, str]:
+    """The statuses last notified, for the checks still watched (a removed check is
+    forgotten; a cursor of another version starts afresh)."""
     if not cursor:
         return {}
     state = json.loads(cursor)
-    return dict(state["checks"]) if state.get("version") == CURSOR_VERSION else {}
+    if state.get("version") != CURSOR_VERSION:
+        return {}
+    watched = {check_name(key) for key in WATCHED}
+    return {name: status for name, status in state["checks"].items() if name in watched}
 
 
 @dg.sensor(
