@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.types.json import Jsonb
 
-from iot_platform.settings import SettingsError, env_float, env_str
+from iot_platform.settings import SettingsError, env_float, env_str, health_retention_days
+from iot_platform.warehouse.retention import delete_oldest
 
 Bounds = dict[str, tuple[float, float]]  # metric -> (min, max)
 
@@ -139,7 +140,7 @@ class HealthSettings:
             pipeline_lag=dt.timedelta(
                 seconds=env_float("IOT_HEALTH_PIPELINE_LAG_S", 120, minimum=1)
             ),
-            retention=dt.timedelta(days=env_float("IOT_HEALTH_RETENTION_DAYS", 30, minimum=1)),
+            retention=dt.timedelta(days=health_retention_days()),
         )
 
 
@@ -475,8 +476,4 @@ def evaluate(
 
 def prune_history(conn: psycopg.Connection, before: dt.datetime) -> int:
     """Delete at most HISTORY_PRUNE_BATCH ``device_health`` rows checked before ``before``."""
-    return conn.execute(
-        """DELETE FROM device_health WHERE ctid = ANY(ARRAY(
-               SELECT ctid FROM device_health WHERE checked_at < %s LIMIT %s))""",
-        [before, HISTORY_PRUNE_BATCH],
-    ).rowcount
+    return delete_oldest(conn, "device_health", "checked_at", before, HISTORY_PRUNE_BATCH)

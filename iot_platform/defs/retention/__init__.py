@@ -1,0 +1,1 @@
+"""Data lifecycle: the warehouse retention pass as an asset, on an hourly schedule."""
