@@ -23,7 +23,8 @@ import pytest
 
 from iot_platform.defs.alerts.sensor import check_alerts_sensor
 from iot_platform.defs.health.checks import device_health_checks
-from iot_platform.defs.resources import ObjectStoreResource
+from iot_platform.defs.pki.certificates import crl_not_expiring
+from iot_platform.defs.resources import ObjectStoreResource, PKIResource
 from iot_platform.warehouse.load import known_devices, load_object, load_parameters
 from tests.integration.test_pipeline import _warehouse
 from tests.warehouse_data import put_batch, telemetry_messages
@@ -250,3 +251,41 @@ def test_without_a_channel_the_sensor_tracks_and_says_so(env, tmp_path, monkeypa
         sensor.tick()
         assert sensor.reasons[-1].startswith("no check changed status")
     assert receiver.requests == []
+
+
+def test_the_crl_check_alerts_as_error_and_recovers(ca, tmp_path, receiver, monkeypatch):
+    """The PKI side: an expiring CRL is an ERROR message, a re-signed one a recovery."""
+    monkeypatch.setenv("IOT_ALERT_WEBHOOK_URL", f"http://127.0.0.1:{receiver.port}{HOOK_PATH}")
+    monkeypatch.delenv("IOT_ALERT_SLACK_TOKEN", raising=False)
+    monkeypatch.delenv("IOT_ALERT_SLACK_TOKEN_FILE", raising=False)
+
+    def evaluate_crl(instance: dg.DagsterInstance, margin_hours: float) -> None:
+        # reading the CRL needs no CA key: any non-empty passphrase will do
+        pki = PKIResource(
+            certs_dir=str(ca.certs_dir),
+            ca_passphrase="unused-to-read-the-crl",
+            crl_min_remaining_hours=margin_hours,
+        )
+        job = dg.define_asset_job("crl", selection=dg.AssetSelection.all_asset_checks())
+        result = (
+            dg.Definitions(asset_checks=[crl_not_expiring], jobs=[job], resources={"pki": pki})
+            .resolve_job_def("crl")
+            .execute_in_process(instance=instance)
+        )
+        assert result.success
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        sensor = Sensor(instance)
+        evaluate_crl(instance, margin_hours=24 * 30)  # the CRL's 7 days are "too close"
+        sensor.tick()
+        evaluate_crl(instance, margin_hours=1)
+        sensor.tick()
+        sensor.tick()
+    failing, recovered = receiver.webhook_bodies()
+    assert (failing["check"], failing["status"], failing["event"]) == (
+        "pki/crl:crl_not_expiring",
+        "error",
+        "failing",
+    )
+    assert failing["metadata"]["min_remaining_hours"] == 24 * 30
+    assert (recovered["status"], recovered["event"]) == ("ok", "recovered")
