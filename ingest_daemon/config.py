@@ -22,6 +22,9 @@ DEFAULT_TOPICS = ingest_subscriptions()
 
 
 DEFAULT_METRICS_PORT = 9108
+# A batch closes this long after its first message at most (the light-load latency floor);
+# bench/lake.py generates a day of traffic at this age.
+DEFAULT_MAX_AGE_S = 1.0
 
 
 def _default_instance() -> str:
@@ -82,7 +85,7 @@ class IngestSettings:
             receive_maximum=env_int("INGEST_RECEIVE_MAXIMUM", 65535, minimum=1),
             max_rows=env_int("INGEST_MAX_ROWS", 20_000, minimum=1),
             max_bytes=env_int("INGEST_MAX_BYTES", 32 * 1024 * 1024, minimum=1024),
-            max_age_s=env_float("INGEST_MAX_AGE_S", 1.0, minimum=0.05),
+            max_age_s=env_float("INGEST_MAX_AGE_S", DEFAULT_MAX_AGE_S, minimum=0.05),
             spool_dir=Path(env_str("INGEST_SPOOL_DIR", str(platform.home / "spool" / instance))),
             spool_max_bytes=env_int("INGEST_SPOOL_MAX_BYTES", 1024**3, minimum=0),
             metrics_host=env_str("INGEST_METRICS_HOST", "127.0.0.1"),

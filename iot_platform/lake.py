@@ -44,7 +44,8 @@ import hashlib
 import io
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import polars as pl
@@ -72,6 +73,9 @@ CHECKSUM_ALGORITHM = "sum64(xxh3_64(received_at|xxh3(topic)|xxh3(payload)|qos|re
 ROW_GROUP_ROWS = 16_384
 LAKE_SCHEMA = RAW_SCHEMA.append(pa.field("device_id", pa.string(), nullable=True))
 _MASK64 = (1 << 64) - 1
+# Micro-batches are small: reading a few at once hides the object store's latency.
+READ_THREADS = 8
+READ_WINDOW = 256
 
 
 class LakeError(RuntimeError):
@@ -128,29 +132,44 @@ class Digest:
 
     @classmethod
     def of(cls, table: pa.Table) -> Digest:
-        """The digest of a table with the raw batch columns (extra columns are ignored).
+        """The digest of a table with the raw batch columns (extra columns are ignored)."""
+        return digests([table])[0]
 
-        Each field is rendered to text (the bytes fields through their own xxh3), joined
-        with ``|`` and hashed; the row hashes are summed as two 32-bit halves, so the
-        64-bit wrapping sum needs no overflowing integer arithmetic in Polars."""
-        frame = pl.from_arrow(table.select(RAW_SCHEMA.names))
-        assert isinstance(frame, pl.DataFrame)  # a Table converts to a DataFrame
-        row = pl.concat_str(
-            [
-                pl.col("received_at").dt.epoch("us").cast(pl.String),
-                _xxh3(pl.col("topic").cast(pl.String)).cast(pl.String),
-                _xxh3(pl.col("payload")).cast(pl.String),
-                pl.col("qos").cast(pl.String),
-                pl.col("retain").cast(pl.String),
-            ],
-            separator="|",
-        )
-        half = pl.lit(1 << 32, dtype=pl.UInt64)
-        sums = frame.select(h=_xxh3(row)).select(
-            hi=(pl.col("h") // half).sum(), lo=(pl.col("h") % half).sum()
-        )
-        hi, lo = int(sums.item(0, "hi") or 0), int(sums.item(0, "lo") or 0)
-        return cls(frame.height, ((hi << 32) + lo) & _MASK64)
+
+def digests(tables: Sequence[pa.Table]) -> list[Digest]:
+    """Each table's digest, in one vectorised pass over all of them.
+
+    Each row's fields are rendered to text (the bytes fields through their own xxh3),
+    joined with ``|`` and hashed; the row hashes are summed per table as two 32-bit halves,
+    so the 64-bit wrapping sum needs no overflowing integer arithmetic in Polars."""
+    if not tables:
+        return []
+    frame = pl.from_arrow(pa.concat_tables([_plain(table) for table in tables]))
+    assert isinstance(frame, pl.DataFrame)  # a Table converts to a DataFrame
+    counts = pl.Series([table.num_rows for table in tables], dtype=pl.UInt32)
+    source = pl.Series(range(len(tables)), dtype=pl.UInt32).to_frame("s")
+    frame = frame.with_columns(_source=source.select(pl.col("s").repeat_by(counts).explode())["s"])
+    row = pl.concat_str(
+        [
+            pl.col("received_at").dt.epoch("us").cast(pl.String),
+            _xxh3(pl.col("topic")).cast(pl.String),
+            _xxh3(pl.col("payload")).cast(pl.String),
+            pl.col("qos").cast(pl.String),
+            pl.col("retain").cast(pl.String),
+        ],
+        separator="|",
+    )
+    half = pl.lit(1 << 32, dtype=pl.UInt64)
+    sums = (
+        frame.select("_source", h=_xxh3(row))
+        .group_by("_source")
+        .agg(rows=pl.len(), hi=(pl.col("h") // half).sum(), lo=(pl.col("h") % half).sum())
+    )
+    found = {
+        source: Digest(rows, ((hi << 32) + lo) & _MASK64)
+        for source, rows, hi, lo in sums.iter_rows()
+    }
+    return [found.get(n, Digest()) for n in range(len(tables))]
 
 
 @dataclass(frozen=True)
@@ -307,35 +326,34 @@ class CompactionResult:
     seconds: float = 0.0
 
 
-def _chunks(
-    store: ObjectStore,
-    previous: Manifest | None,
-    late: list[ObjectInfo],
-    max_rows: int,
-    sources: dict[str, SourceEntry],
-    digests: list[Digest],
-) -> Iterator[list[pa.Table]]:
-    """Input tables in order (previous parts, then new batches), cut into groups of about
-    ``max_rows``; records each input's digest (and each new batch's entry) on the way."""
-    group: list[pa.Table] = []
+def _inputs(
+    store: ObjectStore, previous: Manifest | None, late: list[ObjectInfo]
+) -> Iterator[tuple[ObjectInfo | None, pa.Table]]:
+    """The previous generation's parts (no batch of their own: None), then the new batches,
+    read a few at a time in threads (object-store latency, not CPU, bounds a small read)."""
+    if previous is not None:
+        for part in previous.parts:
+            yield None, _read_part_table(store, part.key)
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        for start in range(0, len(late), READ_WINDOW):
+            window = late[start : start + READ_WINDOW]
+            tables = pool.map(lambda info: _read_batch_table(store, info.key), window)
+            yield from zip(window, tables, strict=True)
+
+
+def _groups(
+    inputs: Iterator[tuple[ObjectInfo | None, pa.Table]], max_rows: int
+) -> Iterator[list[tuple[ObjectInfo | None, pa.Table]]]:
+    """Consecutive inputs cut into groups of at most ``max_rows`` (an input is never split;
+    one larger than that is a group of its own)."""
+    group: list[tuple[ObjectInfo | None, pa.Table]] = []
     rows = 0
-
-    def inputs() -> Iterator[pa.Table]:
-        if previous is not None:
-            for part in previous.parts:
-                yield _read_part_table(store, part.key)
-        for info in late:
-            table = _read_batch_table(store, info.key)
-            sources[info.key] = SourceEntry(info.etag, info.size, Digest.of(table))
-            yield table
-
-    for table in inputs():
-        digests.append(Digest.of(table))
-        if group and rows + table.num_rows > max_rows:
+    for item in inputs:
+        if group and rows + item[1].num_rows > max_rows:
             yield group
             group, rows = [], 0
-        group.append(table)
-        rows += table.num_rows
+        group.append(item)
+        rows += item[1].num_rows
     if group:
         yield group
 
@@ -366,25 +384,30 @@ def compact_hour(
 
     generation = generation_of([*held, *(info.key for info in late)])
     sources = dict(held)
-    digests: list[Digest] = []
+    kept = Digest()  # the previous parts, as read now
+    expected = Digest()
     parts: list[Part] = []
     written = Digest()
     try:
-        for n, group in enumerate(_chunks(store, previous, late, max_rows, sources, digests)):
+        for n, group in enumerate(_groups(_inputs(store, previous, late), max_rows)):
+            for (info, _table), digest in zip(group, digests([t for _, t in group]), strict=True):
+                expected += digest
+                if info is None:
+                    kept += digest
+                else:
+                    sources[info.key] = SourceEntry(info.etag, info.size, digest)
             key = f"{lake_prefix(hour)}part-{generation}-{n:03d}.parquet"
-            data = encode_part(group, hour=hour, generation=generation)
+            data = encode_part([t for _, t in group], hour=hour, generation=generation)
             store.put(key, data)
-            parts.append(Part(key, sum(t.num_rows for t in group), len(data)))
+            parts.append(Part(key, sum(t.num_rows for _, t in group), len(data)))
             written += Digest.of(_read_part_table(store, key))  # read back what was stored
-        expected = sum(digests, Digest())
-        if previous is not None:
-            kept = sum(digests[: len(previous.parts)], Digest())
-            if kept != previous.digest:
-                raise LakeError(
-                    f"the previous lake parts of {hour:%Y-%m-%d %H}:00 no longer match their "
-                    f"manifest ({kept} != {previous.digest}): restore them or delete "
-                    f"{manifest_key(hour)} to rebuild the hour from its micro-batches"
-                )
+        if previous is not None and kept != previous.digest:
+            raise LakeError(
+                f"the previous lake parts of {hour:%Y-%m-%d %H}:00 no longer match their "
+                f"manifest ({kept} != {previous.digest}); nothing was changed. Restore "
+                f"them, or, if all {len(held)} micro-batches it holds still exist, delete "
+                f"{manifest_key(hour)} to rebuild the hour from them"
+            )
         if written != expected:
             raise LakeError(
                 f"compacted {hour:%Y-%m-%d %H}:00 does not match its sources: wrote "
