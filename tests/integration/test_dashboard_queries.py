@@ -129,7 +129,7 @@ def postgres_reader(
     params = psycopg.conninfo.conninfo_to_dict(postgres_server.conninfo(name))
     params.update(user=GRAFANA_ROLE, password=password)
     with psycopg.connect(psycopg.conninfo.make_conninfo(**params), autocommit=True) as reader:
-        yield reader, now
+        yield reader, dt.datetime.now(dt.UTC)  # the dashboards are looked at after the load
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def timescale_conn(
             seed(conn, tmp_path_factory.mktemp("dash-objects"), now)
             finish(conn, Dialect.TIMESCALE, now)
             conn.autocommit = True
-            yield conn, now
+            yield conn, dt.datetime.now(dt.UTC)  # looked at after the load
         finally:
             conn.autocommit = True
             conn.execute("RESET search_path")
