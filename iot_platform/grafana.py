@@ -16,7 +16,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml  # type: ignore[import-untyped]  # PyYAML (a dependency of dagster) ships no stubs
@@ -91,7 +90,8 @@ def provisioned_datasources(targets: Targets) -> list[dict[str, Any]]:
     sources = yaml.safe_load(DATASOURCES_FILE.read_text())["datasources"]
     result = []
     for source in sources:
-        source = {k: v for k, v in source.items() if k != "editable"}
+        # provisioning-only keys; and a Grafana of the user's keeps its own default datasource
+        source = {k: v for k, v in source.items() if k not in ("editable", "isDefault")}
         if source["uid"] == WAREHOUSE_UID:
             source["url"] = f"{targets.pg_host}:{targets.pg_port}"
             source["jsonData"] = {**source["jsonData"], "database": targets.pg_database}
@@ -137,4 +137,4 @@ def import_all(grafana: Grafana, targets: Targets) -> list[str]:
 
 def dashboards_present() -> bool:
     """False when running from an installed package without the checkout's deploy/."""
-    return DATASOURCES_FILE.is_file() and any(Path(DASHBOARD_DIR).glob("*.json"))
+    return DATASOURCES_FILE.is_file() and any(DASHBOARD_DIR.glob("*.json"))
