@@ -20,6 +20,7 @@ from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, Secret, dagster_auth_header
 
 TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+PROGRESS_EVERY_S = 10.0  # a line at least this often while a run is not finished
 
 _RUN_EVENTS = """
 query RunEvents($runId: ID!) {
@@ -187,13 +188,22 @@ class JobLauncher:
             raise LaunchError(f"the Dagster webserver at {self.base_url} is unreachable") from exc
         url = f"{self.base_url}/runs/{run_id}"
         progress(f"launched {job_name}: {url}")
-        deadline = time.monotonic() + self.timeout_s
+        started = time.monotonic()
+        deadline = started + self.timeout_s
         status = self._status(run_id)
+        progress(f"{job_name}: {status.value}")
+        next_note = started + PROGRESS_EVERY_S
         while status not in TERMINAL:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise LaunchError(f"run {run_id} still {status.value} after {self.timeout_s:.0f}s")
+            if now >= next_note:  # a queued run can wait minutes: never stay silent
+                progress(f"{job_name}: still {status.value} after {now - started:.0f}s")
+                next_note = now + PROGRESS_EVERY_S
             time.sleep(0.5)
-            status = self._status(run_id)
+            previous, status = status, self._status(run_id)
+            if status != previous:
+                progress(f"{job_name}: {status.value} after {time.monotonic() - started:.0f}s")
         events = self._graphql(_RUN_EVENTS, runId=run_id)["logsForRun"].get("events", [])
         errors = [] if status == DagsterRunStatus.SUCCESS else run_errors(events)
         return RunOutcome(run_id, status, errors, url, materializations(events))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 10.0  # a log line at least this often while waiting for a service
 
 
 class ServiceError(RuntimeError):
@@ -135,8 +136,15 @@ class ChildProcess:
             raise
 
     def _wait_until(self, ready: Callable[[], bool], *, timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        started = time.monotonic()
+        deadline = started + timeout
+        next_note = started + PROGRESS_EVERY_S
+        while (now := time.monotonic()) < deadline:
+            if now >= next_note:  # `up` waits up to minutes on a busy machine: say so
+                log.info(
+                    "waiting for %s (%s): %.0fs of %.0fs", self.name, what, now - started, timeout
+                )
+                next_note = now + PROGRESS_EVERY_S
             if not self.running():
                 raise ServiceError(
                     f"{self.name} exited (code {self.proc.returncode if self.proc else '?'}) "

@@ -171,6 +171,9 @@ def test_cli_enrolls_with_a_generated_key_that_connects(platform):
     result = _cli(platform, "enroll", "sensor-cli-01", "--type", "sensor", "--meta", "site=lab")
     assert result.returncode == 0, result.stderr
     assert "enrolled sensor-cli-01: serial" in result.stdout
+    # progress on stderr while it waits: the launch, then each status the run reaches
+    assert "launched enroll_device: http" in result.stderr
+    assert "enroll_device: SUCCESS after" in result.stderr
     cert, key = platform.ca.device_paths("sensor-cli-01")
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     session = platform.connect("sensor-cli-01", key)
