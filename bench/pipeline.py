@@ -9,6 +9,11 @@ already-decoded rows into the same table in the same run. Progress goes to stder
 last stdout line is JSON.
 
     .venv/bin/python bench/pipeline.py [--devices 2000] [--envelopes 100] [--measurements 5]
+        [--bindir /path/to/postgresql/bin] [--dialect auto|timescaledb|postgresql]
+
+``--bindir`` picks the server binaries (default: the system's); with TimescaleDB installed
+for them, ``auto`` loads into a hypertable and refreshes continuous aggregates, so the same
+command measures both dialects.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from iot_platform.objectstore import LocalDirectoryStore
 from iot_platform.rawbatch import encode_batch
 from iot_platform.services.postgres import PostgresServer
 from iot_platform.services.process import free_port
+from iot_platform.settings import WAREHOUSE_DIALECTS
 from iot_platform.warehouse.aggregates import ROLLUPS, refresh
 from iot_platform.warehouse.load import known_devices, load_objects, load_parameters
 from iot_platform.warehouse.migrations import Dialect, migrate
@@ -92,11 +98,19 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--envelopes", type=int, default=100, help="per device")
     parser.add_argument("--measurements", type=int, default=5, help="per envelope")
+    parser.add_argument("--bindir", type=Path, default=None, help="PostgreSQL server binaries")
+    parser.add_argument("--dialect", choices=WAREHOUSE_DIALECTS, default="auto")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="iot-bench-pipeline-"))
     work.chmod(0o755)  # PostgreSQL runs as user postgres when we are root
-    server = PostgresServer(work / "pg", port=free_port(), password=secrets.token_urlsafe(16))
+    server = PostgresServer(
+        work / "pg",
+        port=free_port(),
+        password=secrets.token_urlsafe(16),
+        bindir=args.bindir,
+        dialect=args.dialect,
+    )
     try:
         server.start()
         server.ensure_database("bench")
@@ -104,7 +118,7 @@ def main() -> int:
         progress("generating raw batches")
         keys = generate(store, args.devices, args.envelopes, args.measurements)
         with psycopg.connect(server.conninfo("bench")) as conn:
-            dialect, _ = migrate(conn)
+            dialect, _ = migrate(conn, args.dialect)
             conn.execute(
                 "INSERT INTO devices (device_id) SELECT 'bench-' || lpad(g::text, 5, '0')"
                 " FROM generate_series(0, %s) g",
