@@ -7,16 +7,30 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 
 class IngestMetrics:
-    """One registry per daemon instance (tests run several in one process)."""
+    """One registry per daemon instance (tests run several in one process).
+
+    Names follow Prometheus conventions: counters end in ``_total`` (the client adds it),
+    a unit is a suffix in base units (``_bytes``, ``_seconds``), and the standard
+    ``process_*`` (CPU, memory, open files) and ``python_info`` series are exported too.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.received = Counter("ingest_messages_received", "MQTT messages received", registry=r)
         self.acknowledged = Counter(
             "ingest_messages_acknowledged", "messages acknowledged to the broker", registry=r
@@ -33,7 +47,7 @@ class IngestMetrics:
             "ingest_batches_written", "raw batches made durable", ["destination"], registry=r
         )
         self.bytes_written = Counter(
-            "ingest_bytes_written", "Parquet bytes made durable", ["destination"], registry=r
+            "ingest_written_bytes", "Parquet bytes made durable", ["destination"], registry=r
         )
         self.upload_seconds = Histogram(
             "ingest_upload_seconds",
