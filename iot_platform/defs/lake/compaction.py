@@ -97,7 +97,6 @@ def raw_lake(
 raw_lake_compaction_job = dg.define_asset_job(
     "raw_lake_compaction_job",
     selection=dg.AssetSelection.assets(RAW_LAKE),
-    partitions_def=hourly_partitions,
     description="Compact one closed receive hour of raw micro-batches into the lake.",
 )
 
