@@ -792,7 +792,7 @@ def test_timescaledb_init_scripts_are_mounted_one_by_one(services):
 # ---- operations: Prometheus and Grafana ------------------------------------------------
 
 
-def test_prometheus_and_grafana_run_unprivileged_on_the_provisioned_files(services):
+def test_prometheus_and_grafana_run_unprivileged_on_the_provisioned_files(raw, services):
     for name in ("prometheus", "grafana"):
         service = services[name]
         uid = str(service.get("user", "")).split(":")[0]
@@ -806,6 +806,8 @@ def test_prometheus_and_grafana_run_unprivileged_on_the_provisioned_files(servic
     assert (COMPOSE_FILE.parent / mount.source / config.relative_to(mount.target)).is_file()
     data = mount_for(prometheus, PurePosixPath(flags["--storage.tsdb.path"]))
     assert data and data.kind == "volume" and not data.read_only
+    for port in raw["services"]["prometheus"].get("ports", []):  # no login: loopback only,
+        assert str(port).startswith("127.0.0.1:"), f"prometheus published as {port}"  # always
 
     grafana = services["grafana"]
     env = environment(grafana)
