@@ -12,7 +12,6 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from iot_platform import decode as decode_module
 from iot_platform.decode import (
     EVENTS_SCHEMA,
     MAX_ABS_VALUE,
@@ -21,10 +20,12 @@ from iot_platform.decode import (
     REJECTS_SCHEMA,
     TELEMETRY_SCHEMA,
     DecodedFrames,
+    JsonEngineLimits,
     RejectReason,
-    _byte_chunks,
+    TsWindow,
     decode_raw,
 )
+from iot_platform.decode.json_engine import byte_chunks
 from iot_platform.device_ids import DEVICE_ID_REGEX
 from iot_platform.rawbatch import RAW_SCHEMA, encode_batch, read_batch
 from iot_platform.warehouse.migrations import CORE
@@ -515,7 +516,7 @@ def test_device_time_window_boundaries(ts, accepted):
 
 
 def test_device_time_window_is_a_setting_and_measurement_level():
-    window = decode_module.TsWindow(ahead=dt.timedelta(seconds=5), age=dt.timedelta(hours=1))
+    window = TsWindow(ahead=dt.timedelta(seconds=5), age=dt.timedelta(hours=1))
     payload = envelope(
         ts="2026-03-01T11:59:59Z",
         measurements=[
@@ -799,15 +800,16 @@ def test_telemetry_ignores_oddities_in_fields_it_does_not_read():
 
 
 def test_big_inputs_are_parsed_in_chunks():
-    assert _byte_chunks(pl.Series([10] * 5)) == [(0, 5)]
+    production = JsonEngineLimits().chunk_bytes
+    assert byte_chunks(pl.Series([10] * 5), production) == [(0, 5)]
     size = 1024 * 1024
-    chunks = _byte_chunks(pl.Series([size] * 100))
+    chunks = byte_chunks(pl.Series([size] * 100), production)
     assert chunks[0][0] == 0 and chunks[-1][1] == 100 and len(chunks) == 4
     assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     assert all((hi - lo - 1) * size <= 32 * 1024 * 1024 for lo, hi in chunks)
 
 
-def test_results_do_not_depend_on_chunk_and_split_sizes(monkeypatch):
+def test_results_do_not_depend_on_chunk_and_split_sizes():
     rows = [
         ("iot/dev-1/telemetry", envelope(seq=i, ts=f"2026-03-01T11:00:{i:02d}Z"))
         if i % 7
@@ -817,10 +819,8 @@ def test_results_do_not_depend_on_chunk_and_split_sizes(monkeypatch):
     rows[33] = ("iot/dev-1/hello", "null")
     rows[34] = ("iot/dev-1/hello", event()[:-1] + ', "x": NaN}')
     expected = decode(*rows)
-    monkeypatch.setattr(decode_module, "_PARSE_CHUNK_BYTES", 3000)
-    monkeypatch.setattr(decode_module, "_SPLIT_MIN_ROWS", 2)
-    monkeypatch.setattr(decode_module, "_PARALLEL_MIN_ROWS", 3)
-    chunked = decode(*rows)
+    tiny = JsonEngineLimits(chunk_bytes=3000, split_min_rows=2, parallel_min_rows=3)
+    chunked = decode(*rows, limits=tiny)
     for left, right in zip(
         (expected.telemetry, expected.messages, expected.events, expected.rejects),
         (chunked.telemetry, chunked.messages, chunked.events, chunked.rejects),
