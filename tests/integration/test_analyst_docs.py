@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from iot_platform.health import RULES, HealthSettings, evaluate
+from iot_platform.lake import compact_hour, hour_start
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
+from iot_platform.settings import LakeSettings
 from iot_platform.warehouse.aggregates import ROLLUPS, refresh
 from iot_platform.warehouse.load import known_devices, load_object, load_parameters
 from iot_platform.warehouse.migrations import Dialect
@@ -49,6 +51,19 @@ def data(postgres_server, s3_server, tmp_path_factory):
         conn.commit()
         info = put_batch(local, messages, seq=1)
         put_batch(s3, messages, seq=1)
+        # the same traffic three hours earlier, compacted: the lake snippets read it
+        earlier = [(at - dt.timedelta(hours=3), topic, payload) for at, topic, payload in messages]
+        lake_settings = LakeSettings.from_env()
+        for store in (local, s3):
+            put_batch(store, earlier, seq=2)
+            for hour in {hour_start(at) for at, _, _ in earlier}:
+                compact_hour(
+                    store,
+                    hour,
+                    dt.datetime.now(dt.UTC),
+                    lateness=dt.timedelta(seconds=lake_settings.lateness_s),
+                    max_rows=lake_settings.file_max_rows,
+                )
         load_object(
             conn,
             local,
