@@ -496,6 +496,7 @@ class RetentionReport:
     hours_emptied: list[str] = field(default_factory=list)
     kept: dict[str, int] = field(default_factory=dict)  # reason -> batches kept
     uncompacted_hours: list[str] = field(default_factory=list)
+    late_hours: list[str] = field(default_factory=list)  # compacted, with late batches since
     failed_hours: dict[str, str] = field(default_factory=dict)  # hour -> why nothing deleted
 
     def keep(self, reason: str, n: int = 1) -> None:
@@ -505,13 +506,20 @@ class RetentionReport:
 LoadedAt = Callable[[str], dict[str, dt.datetime]]  # partition key -> {batch key: loaded_at}
 
 
-def oldest_batch_hour(store: ObjectStore) -> dt.datetime | None:
-    for info in store.list(KEY_ROOT, limit=100):
-        try:
-            return hour_start(BatchKey.parse(info.key).first_received_at)
-        except RawBatchError:
-            continue
-    return None
+def next_batch_hour(store: ObjectStore, after: dt.datetime | None = None) -> dt.datetime | None:
+    """The first hour (after the hour ``after``) that holds a micro-batch: one short listing,
+    so a pass skips any run of empty hours in a single step."""
+    start_after = hour_prefix(after) + "~" if after else None  # "~" sorts after any key char
+    while True:
+        page = store.list(KEY_ROOT, start_after=start_after, limit=100)
+        for info in page:
+            try:
+                return hour_start(BatchKey.parse(info.key).first_received_at)
+            except RawBatchError:
+                continue  # not a batch
+        if len(page) < 100:
+            return None
+        start_after = page[-1].key
 
 
 def expire_raw_batches(
@@ -523,17 +531,16 @@ def expire_raw_batches(
     max_hours: int = 24 * 7,
 ) -> RetentionReport:
     """Delete micro-batches that are loaded, compacted and verified, both at least
-    ``retention`` ago, from the oldest hour that still has any (at most ``max_hours`` hours
-    per pass). Everything else stays, counted by the reason it stays."""
+    ``retention`` ago, hour by hour from the oldest hour that still has any (at most
+    ``max_hours`` hours with batches per pass). Everything else stays, counted by the
+    reason it stays; hours that need a compaction first are listed."""
     report = RetentionReport()
     cutoff = now - retention
-    hour = oldest_batch_hour(store)
+    hour = next_batch_hour(store)
     while hour is not None and hour < hour_start(cutoff) and report.hours_scanned < max_hours:
         name = f"{hour:%Y-%m-%d-%H:00}"
         listed = list_batches(store, hour)
-        current, hour = hour, hour + dt.timedelta(hours=1)
-        if not listed:
-            continue
+        current, hour = hour, next_batch_hour(store, hour)
         report.hours_scanned += 1
         manifest = read_manifest(store, current)
         if manifest is None:
@@ -556,6 +563,8 @@ def expire_raw_batches(
             when = loaded.get(info.key)
             if entry is None:
                 report.keep("late: not in the compacted hour yet")
+                if name not in report.late_hours:
+                    report.late_hours.append(name)
             elif when is None:
                 report.keep("not loaded")
             elif when > cutoff:

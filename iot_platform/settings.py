@@ -112,12 +112,45 @@ def env_secret(name: str) -> Secret | None:
     if inline:
         return Secret(inline)
     path = os.environ.get(f"{name}_FILE", "").strip()
-    if not path:
-        return None
+    return Secret(_read_secret_file(name, path)) if path else None
+
+
+def _read_secret_file(name: str, path: str) -> str:
+    """The secret in the file ``NAME_FILE`` names (one trailing newline is not part of it)."""
     try:
-        return Secret(Path(path).read_text().rstrip("\r\n"))
+        return Path(path).read_text().rstrip("\r\n")
     except OSError as exc:
         raise SettingsError(f"{name}_FILE={path!r} cannot be read: {exc.strerror}") from None
+
+
+# Every secret the platform's processes read (each also as NAME_FILE). Dagster reads some of
+# them itself — dagster.yaml's storage password, the resources' dg.EnvVar — and neither
+# knows the NAME_FILE form; `iot-platform exec` hands them over (see exec_environment).
+SECRET_SETTINGS = (
+    "IOT_PG_PASSWORD",
+    "IOT_CA_PASSPHRASE",
+    "IOT_S3_ACCESS_KEY",
+    "IOT_S3_SECRET_KEY",
+    "IOT_GRAFANA_DB_PASSWORD",
+    "IOT_ALERT_WEBHOOK_TOKEN",
+    "IOT_ALERT_SLACK_TOKEN",
+    "IOT_DAGSTER_AUTH_HEADER",
+)
+
+
+def exec_environment(environ: dict[str, str]) -> dict[str, str]:
+    """``environ`` with each ``NAME_FILE`` of ``SECRET_SETTINGS`` read into ``NAME``.
+
+    For Docker/Kubernetes secrets mounted as files: a container's configured environment
+    then holds only paths (``docker inspect`` shows no secret), and the process that needs
+    the value gets it in its own environment when it starts.
+    """
+    env = dict(environ)
+    for name in SECRET_SETTINGS:
+        path = env.pop(f"{name}_FILE", "").strip()
+        if path and not env.get(name):
+            env[name] = _read_secret_file(name, path)
+    return env
 
 
 def dagster_auth_header() -> Secret | None:
@@ -399,7 +432,7 @@ class LakeSettings:
         settings = cls(
             lateness_s=env_float("IOT_LAKE_LATENESS_S", 1800, minimum=0),
             file_max_rows=env_int("IOT_LAKE_FILE_MAX_ROWS", 2_000_000, minimum=1000),
-            lookback_hours=env_int("IOT_LAKE_LOOKBACK_HOURS", 48, minimum=1),
+            lookback_hours=env_int("IOT_LAKE_LOOKBACK_HOURS", 12, minimum=1),
             raw_retention_hours=env_float("IOT_RAW_BATCH_RETENTION_HOURS", 72, minimum=0),
         )
         ledger_days = RetentionSettings.from_env().ledger

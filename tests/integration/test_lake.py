@@ -261,6 +261,7 @@ def test_dagster_compaction_and_retention_with_the_real_ledger(backend, postgres
     (check,) = run.get_asset_check_evaluations()
     assert check.check_name == LIFECYCLE_CLEAR and not check.passed
     assert check.metadata["uncompacted_hours"].value == ["2026-11-20-11:00"]
+    assert check.metadata["hours_with_late_batches"].value == ["2026-11-20-10:00"]
     assert read_back(HOUR, HOUR + dt.timedelta(hours=2)) == everything
 
     open_run = dg.materialize(
@@ -270,3 +271,19 @@ def test_dagster_compaction_and_retention_with_the_real_ledger(backend, postgres
         raise_on_error=False,
     )
     assert not open_run.success
+
+
+def test_a_retention_pass_steps_over_empty_hours_and_foreign_keys(backend):
+    store, _ = backend
+    store.put(KEY_ROOT + "README.parquet", b"not a batch")  # sorts before every date=
+    month_later = HOUR + dt.timedelta(days=30)
+    fill(store, HOUR, seq=1)
+    fill(store, month_later, seq=2)
+    assert lake.next_batch_hour(store) == HOUR
+    assert lake.next_batch_hour(store, HOUR) == month_later
+    assert lake.next_batch_hour(store, month_later) is None
+    report = expire_raw_batches(
+        store, lambda _partition: {}, month_later + dt.timedelta(days=1), retention=LATENESS
+    )
+    assert report.hours_scanned == 2
+    assert report.uncompacted_hours == ["2026-11-20-10:00", "2026-12-20-10:00"]

@@ -32,8 +32,8 @@ LIFECYCLE_CLEAR = "raw_batches_not_held_back"
         dg.AssetCheckSpec(
             LIFECYCLE_CLEAR,
             asset=RAW_BATCH_RETENTION,
-            description="No hour past the retention is held back: every one is compacted "
-            "and its lake files verify.",
+            description="No hour past the retention is held back: every one is compacted, "
+            "holds no late batch and its lake files verify.",
         )
     ],
     description=(
@@ -68,7 +68,7 @@ def raw_batch_retention(
     context.log.info(
         f"deleted {report.deleted} raw batches ({report.deleted_bytes} bytes); kept {report.kept}"
     )
-    held_back = report.uncompacted_hours + sorted(report.failed_hours)
+    held_back = report.uncompacted_hours + report.late_hours + sorted(report.failed_hours)
     return dg.MaterializeResult(
         metadata={
             "deleted_batches": report.deleted,
@@ -90,6 +90,7 @@ def raw_batch_retention(
                 else dg.AssetCheckSeverity.WARN,
                 metadata={
                     "uncompacted_hours": dg.MetadataValue.json(report.uncompacted_hours),
+                    "hours_with_late_batches": dg.MetadataValue.json(report.late_hours),
                     "unverified_hours": dg.MetadataValue.json(report.failed_hours),
                     "action": "backfill these partitions of raw/raw_lake (they re-compact from "
                     "the micro-batches and the previous files), then materialise "
