@@ -176,3 +176,16 @@ def test_groups_never_split_an_input_and_respect_the_cap():
     assert [[t.num_rows for _, t in g] for g in groups] == [[2, 2], [3, 1]]
     groups = list(lake._groups(iter([(None, t) for t in tables]), max_rows=1))
     assert [[t.num_rows for _, t in g] for g in groups] == [[2], [2], [3], [1]]
+
+
+def test_raw_batches_may_not_outlive_the_load_ledger(monkeypatch):
+    from iot_platform.settings import LakeSettings, SettingsError
+
+    monkeypatch.setenv("IOT_RETENTION_LEDGER_DAYS", "8")
+    monkeypatch.setenv("IOT_RAW_BATCH_RETENTION_HOURS", "192")
+    assert LakeSettings.from_env().raw_retention_hours == 192
+    monkeypatch.setenv("IOT_RAW_BATCH_RETENTION_HOURS", "193")
+    with pytest.raises(SettingsError, match=r"IOT_RAW_BATCH_RETENTION_HOURS=193.*LEDGER_DAYS=8"):
+        LakeSettings.from_env()
+    monkeypatch.setenv("IOT_RETENTION_LEDGER_DAYS", "0")  # the ledger kept forever
+    assert LakeSettings.from_env().raw_retention_hours == 193
