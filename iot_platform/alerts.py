@@ -127,6 +127,8 @@ def summary(transition: Transition) -> str:
         quoted = ", ".join(map(str, ids[:5])) if isinstance(ids, list) else ""
         more = f" (+{count - 5} more)" if count > 5 else ""
         line += f": {count} device(s) failing" + (f" - {quoted}{more}" if quoted else "")
+    elif "run_status" in current.metadata:
+        line += f": {current.description}"
     elif transition.kind == "severity_changed" and transition.previous:
         line += f" (was {transition.previous.value.upper()})"
     return line

@@ -24,7 +24,7 @@ import pytest
 from iot_platform.defs.alerts.sensor import check_alerts_sensor
 from iot_platform.defs.health.checks import device_health_checks
 from iot_platform.defs.pki.certificates import crl_not_expiring
-from iot_platform.defs.resources import ObjectStoreResource, PKIResource
+from iot_platform.defs.resources import ObjectStoreResource, PKIResource, WarehouseResource
 from iot_platform.warehouse.load import known_devices, load_object, load_parameters
 from tests.integration.test_pipeline import _warehouse
 from tests.warehouse_data import put_batch, telemetry_messages
@@ -289,3 +289,44 @@ def test_the_crl_check_alerts_as_error_and_recovers(ca, tmp_path, receiver, monk
     )
     assert failing["metadata"]["min_remaining_hours"] == 24 * 30
     assert (recovered["status"], recovered["event"]) == ("ok", "recovered")
+
+
+def test_a_health_run_that_fails_is_an_error_until_the_checks_run_again(
+    env, receiver, tmp_path, monkeypatch
+):
+    """The warehouse unreachable: every device check's run fails before evaluating it."""
+    monkeypatch.delenv("IOT_ALERT_SLACK_TOKEN_FILE")
+    unreachable = WarehouseResource(
+        host="127.0.0.1", port=1, user=env.user, password=env.password, dbname=env.dbname
+    )
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        sensor = Sensor(instance)
+        _evaluate_checks(env, instance)
+        sensor.tick()  # clock_skew WARN
+        job = dg.define_asset_job("health", selection=dg.AssetSelection.all_asset_checks())
+        failed = (
+            dg.Definitions(
+                asset_checks=[device_health_checks],
+                jobs=[job],
+                resources={"warehouse": unreachable},
+            )
+            .resolve_job_def("health")
+            .execute_in_process(instance=instance, raise_on_error=False)
+        )
+        assert not failed.success
+        sensor.tick()
+        sensor.tick()
+        _evaluate_checks(env, instance)
+        sensor.tick()
+    first, *down = receiver.webhook_bodies()
+    checks = set(device_health_checks.check_keys)
+    errors, back = down[: len(checks)], down[len(checks) :]
+    assert first["check"] == CLOCK_SKEW
+    assert {m["status"] for m in errors} == {"error"}
+    assert {m["metadata"]["run_status"] for m in errors} == {"FAILURE"}
+    assert {m["check_name"] for m in errors} == {k.name for k in checks}
+    assert "did not complete" in errors[0]["summary"]
+    # the checks ran again: clock_skew back to WARN, every other one recovered
+    assert {(m["check_name"], m["event"], m["status"]) for m in back} == {
+        (k.name, "recovered", "ok") for k in checks if k.name != "clock_skew"
+    } | {("clock_skew", "severity_changed", "warn")}

@@ -1,9 +1,10 @@
 """The alert sensor: a notification when a health or PKI check starts failing or recovers.
 
-Each tick reads the latest completed evaluation of every watched check from the instance's
-event log (``EventLogStorage.get_latest_asset_check_execution_by_key``), compares each
-check's status with the one remembered in the sensor cursor, and sends one message per
-change (``iot_platform.alerts``). Evaluations that change nothing send nothing, however
+Each tick reads the latest evaluation of every watched check from the instance's event log
+(``EventLogStorage.get_latest_asset_check_execution_by_key``) — a check whose run failed
+before evaluating it counts as ERROR, so a health job that cannot reach the warehouse is
+heard about too — compares each check's status with the one remembered in the sensor
+cursor, and sends one message per change (``iot_platform.alerts``). Evaluations that change nothing send nothing, however
 often the checks run. On by default and visible under Automation in the UI, where an
 operator can stop it. It launches no runs: its tick says what it sent.
 """
@@ -63,16 +64,46 @@ def _json_metadata(metadata: dg.RawMetadataMapping) -> dict[str, Any]:
     return plain
 
 
+# A check planned in a run that ended like this will not complete: it is an ERROR (the
+# platform could not evaluate it: warehouse down, a bug), not "no news".
+RUN_ENDED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+
+
+def _not_completed(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, run_id: str, at: float
+) -> Evaluation | None:
+    """An ERROR evaluation for a check whose run ended without evaluating it; None while
+    the run is still going."""
+    record = instance.get_run_record_by_id(run_id)
+    if record is None or record.dagster_run.status not in RUN_ENDED:
+        return None
+    status = record.dagster_run.status.value
+    return Evaluation(
+        check=check_name(key),
+        status=Status.ERROR,
+        evaluated_at=datetime.fromtimestamp(at, UTC),
+        run_id=run_id,
+        description=f"the check did not complete: its run ended {status}",
+        metadata={"run_status": status},
+    )
+
+
 def latest_evaluations(instance: dg.DagsterInstance) -> list[Evaluation]:
-    """The newest completed evaluation of each watched check (planned/running ones and
-    checks never evaluated are left out: they have no status yet)."""
+    """The newest evaluation of each watched check: its result, or an ERROR when its run
+    ended without evaluating it. Checks still running, and checks never evaluated, are
+    left out: they have no status yet."""
     records = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(WATCHED))
     found = []
     for key in WATCHED:
         record = records.get(key)
-        entry = record.event if record else None
+        if record is None:
+            continue
+        entry = record.event
         evaluation = entry.asset_check_evaluation if entry else None
-        if record is None or entry is None or evaluation is None:
+        if entry is None or evaluation is None:
+            failed = _not_completed(instance, key, record.run_id, record.create_timestamp)
+            if failed is not None:
+                found.append(failed)
             continue
         if evaluation.passed:
             status = Status.OK
