@@ -15,7 +15,7 @@ import pytest
 
 from iot_platform import lake
 from iot_platform.analyst import raw_messages
-from iot_platform.defs.lake.compaction import raw_lake
+from iot_platform.defs.lake.compaction import raw_lake, raw_lake_compaction_sensor
 from iot_platform.defs.lake.retention import LIFECYCLE_CLEAR, raw_batch_retention
 from iot_platform.defs.resources import ObjectStoreResource
 from iot_platform.lake import Digest, HourNotClosed, LakeError, compact_hour, expire_raw_batches
@@ -287,3 +287,23 @@ def test_a_retention_pass_steps_over_empty_hours_and_foreign_keys(backend):
     )
     assert report.hours_scanned == 2
     assert report.uncompacted_hours == ["2026-11-20-10:00", "2026-12-20-10:00"]
+
+
+def test_the_sensor_requests_closed_hours_with_batches_no_manifest_holds(backend):
+    store, resource = backend
+    now = dt.datetime.now(dt.UTC)
+    closed = lake.hour_start(now) - dt.timedelta(hours=3)
+    fill(store, closed, seq=1)
+    fill(store, lake.hour_start(now), seq=2)  # the open hour: not yet
+    with dg.instance_for_test() as instance:
+        context = dg.build_sensor_context(instance=instance, resources={"object_store": resource})
+        result = raw_lake_compaction_sensor(context)
+        assert isinstance(result, dg.SensorResult)
+        assert [r.partition_key for r in result.run_requests] == [f"{closed:%Y-%m-%d-%H}:00"]
+        compact_hour(store, closed, now, lateness=LATENESS, max_rows=1000)
+        assert isinstance(raw_lake_compaction_sensor(context), dg.SkipReason)
+        fill(store, closed, seq=3, minutes=45)  # late: the hour is requested again
+        again = raw_lake_compaction_sensor(context)
+        assert isinstance(again, dg.SensorResult)
+        assert [r.partition_key for r in again.run_requests] == [f"{closed:%Y-%m-%d-%H}:00"]
+        assert again.run_requests[0].run_key != result.run_requests[0].run_key
