@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,13 @@ from iot_platform.pki import PKIError, device_paths
 from iot_platform.pki_runs import ACTOR_TAG, ENROLL, REVOKE, PkiJob
 from iot_platform.services.mosquitto import BrokerConfig
 from iot_platform.services.process import ServiceError
-from iot_platform.settings import PlatformSettings, SettingsError, env_secret, env_str
+from iot_platform.settings import (
+    PlatformSettings,
+    SettingsError,
+    env_secret,
+    env_str,
+    exec_environment,
+)
 
 if TYPE_CHECKING:
     from iot_platform.enrollment import CertificateRow, RevocationReason
@@ -303,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
+    exec_cmd = commands.add_parser(
+        "exec",
+        help="run a command with secrets read from their *_FILE paths (containers)",
+        description="Replace this process with COMMAND, each secret setting given as "
+        "NAME_FILE (a mounted Docker/Kubernetes secret) read into NAME first: Dagster's "
+        "own config (dagster.yaml, dg.EnvVar) reads NAME only.",
+    )
+    exec_cmd.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
+    exec_cmd.set_defaults(handler=None)
     up = commands.add_parser("up", help="run the embedded stack until Ctrl-C")
     up.set_defaults(handler=_cmd_up)
 
@@ -411,8 +427,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exec(command: list[str]) -> int:
+    """``iot-platform exec -- CMD...``: replace this process with CMD, secrets read from
+    their ``*_FILE`` paths into the environment (``settings.exec_environment``)."""
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise SettingsError("exec: give the command to run, e.g. exec -- dagster-webserver ...")
+    env = exec_environment(dict(os.environ))
+    os.execvpe(command[0], command, env)  # noqa: S606 - the operator's own command line
+    return 127  # not reached: execvpe replaces the process or raises
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.handler is None:  # `exec`: no settings needed, nothing logged
+        try:
+            return _exec(args.argv)
+        except SettingsError as exc:
+            print(f"iot-platform: error: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

