@@ -50,6 +50,7 @@ echo "==> dbt parse (dbt_models/target/manifest.json)"
 .venv/bin/dbt parse --quiet --project-dir dbt_models --profiles-dir dbt_models
 
 if (( DEV )); then
-  echo "==> npm ci (TimescaleDB test double)"
+  echo "==> npm ci (TimescaleDB test double, Compose Specification schema)"
   npm ci --silent --no-audit --no-fund --legacy-peer-deps --prefix tests/timescale_double
+  npm ci --silent --no-audit --no-fund --prefix tests/compose_schema
 fi
