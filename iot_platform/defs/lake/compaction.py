@@ -22,7 +22,7 @@ from iot_platform.defs.resources import ObjectStoreResource
 from iot_platform.defs.warehouse.retry import LOAD_RETRY
 from iot_platform.defs.warehouse.sensors import IN_FLIGHT
 from iot_platform.lake import (
-    HourNotClosed,
+    LakeError,
     compact_hour,
     generation_of,
     hours_needing_compaction,
@@ -66,7 +66,7 @@ def raw_lake(
             lateness=dt.timedelta(seconds=settings.lateness_s),
             max_rows=settings.file_max_rows,
         )
-    except HourNotClosed as exc:
+    except LakeError as exc:  # an open hour or a failed verification: a retry cannot help
         raise dg.Failure(str(exc), allow_retries=False) from exc
     manifest = result.manifest
     rows = manifest.digest.rows if manifest else 0
