@@ -17,6 +17,13 @@ command -v mosquitto_sub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
 compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || need_apt+=(postgresql)
 if (( DEV )); then
   command -v node >/dev/null 2>&1 || need_apt+=(nodejs npm)
+  # The authenticating proxy in front of the Dagster UI (tests/integration/test_ui_auth.py
+  # runs deploy/ui-auth/nginx.conf.template); the package's own service is not used.
+  [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx)
+  # promtool checks and unit-tests the alert rules (tests/unit/test_prometheus_rules.py),
+  # and tests/integration/test_prometheus_scrape.py runs the binary as its own child; the
+  # package's system service is not used.
+  command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 fi
 if (( ${#need_apt[@]} )); then
   echo "==> apt-get install ${need_apt[*]}"
