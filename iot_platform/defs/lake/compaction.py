@@ -102,15 +102,16 @@ raw_lake_compaction_job = dg.define_asset_job(
 
 
 def _in_flight(instance: dg.DagsterInstance) -> set[str]:
-    """Hours with a compaction queued or running: one run per hour at a time, so two runs
-    never write and clean up the same hour's files concurrently."""
-    records = instance.get_run_records(
-        dg.RunsFilter(job_name=raw_lake_compaction_job.name, statuses=IN_FLIGHT)
-    )
+    """Hours with a compaction queued or running (the sensor's runs, a backfill, a manual
+    run): one at a time per hour, so two runs never write and clean up the same files."""
+    runs = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT))]
     return {
-        r.dagster_run.tags["dagster/partition"]
-        for r in records
-        if "dagster/partition" in r.dagster_run.tags
+        run.tags["dagster/partition"]
+        for run in runs
+        if "dagster/partition" in run.tags
+        and (
+            run.job_name == raw_lake_compaction_job.name or RAW_LAKE in (run.asset_selection or ())
+        )
     }
 
 
