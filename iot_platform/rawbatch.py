@@ -149,7 +149,9 @@ class DecodedBatch:
 def read_batch(data: bytes) -> DecodedBatch:
     """Read one raw batch file, checking the schema version before trusting the columns."""
     try:
-        table = pq.read_table(io.BytesIO(data))
+        # ParquetFile.read, not read_table: same table, half the fixed cost per file (no
+        # dataset machinery), which is most of the cost of a small micro-batch.
+        table = pq.ParquetFile(io.BytesIO(data)).read()
     except (pa.ArrowInvalid, OSError) as exc:
         raise RawBatchError(f"unreadable Parquet: {exc}") from None
     metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
