@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 
 from iot_platform.settings import Secret, env_secret, warehouse_dialect_setting
 
@@ -342,8 +342,7 @@ def detect_dialect(conn: psycopg.Connection, requested: str) -> Dialect:
     dialect = Dialect.POSTGRES
     if requested != Dialect.POSTGRES.value:
         try:
-            with conn.transaction():
-                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            _create_timescaledb(conn)
             dialect = Dialect.TIMESCALE
         except psycopg.Error as exc:
             if conn.broken:
@@ -354,9 +353,23 @@ def detect_dialect(conn: psycopg.Connection, requested: str) -> Dialect:
                     f"IOT_WAREHOUSE_DIALECT=timescaledb but the server cannot create the "
                     f"extension: {reason}"
                 ) from exc
-            log.warning("TimescaleDB not available (%s); using plain PostgreSQL", reason)
+            # Not installed is the ordinary plain-PostgreSQL case; anything else (installed
+            # but not preloaded, no privilege, ...) is worth an operator's attention.
+            level = logging.INFO if isinstance(exc, errors.FeatureNotSupported) else logging.WARNING
+            log.log(level, "TimescaleDB not available (%s); using plain PostgreSQL", reason)
     conn.execute("INSERT INTO warehouse_meta (key, value) VALUES ('dialect', %s)", [dialect.value])
     return dialect
+
+
+def _create_timescaledb(conn: psycopg.Connection) -> None:
+    """``CREATE EXTENSION timescaledb`` unless it exists, on a short connection of its own
+    (same server and credentials): a server that has the extension installed but not
+    preloaded answers with FATAL, which ends the session — ``conn``, holding the
+    migration's lock, must survive that."""
+    if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'").fetchone():
+        return
+    with psycopg.connect(conn.info.dsn, password=conn.info.password, autocommit=True) as own:
+        own.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
 
 
 def migrate(conn: psycopg.Connection, requested: str | None = None) -> tuple[Dialect, list[str]]:

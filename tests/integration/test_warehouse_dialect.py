@@ -120,11 +120,40 @@ def test_a_warehouse_keeps_its_dialect_and_says_so_when_asked_for_another(postgr
         assert migrate(conn, "auto") == (Dialect.POSTGRES, [])
 
 
-def test_auto_on_a_server_without_the_library_preloaded_is_plain_postgres(postgres_db, caplog):
-    caplog.set_level(logging.WARNING, logger="iot_platform.warehouse.migrations")
+def test_auto_where_timescaledb_is_not_installed_is_plain_postgres(postgres_db, caplog):
+    caplog.set_level(logging.INFO, logger="iot_platform.warehouse.migrations")
     with psycopg.connect(postgres_db) as conn:
         assert migrate(conn, "auto")[0] is Dialect.POSTGRES
-    assert "TimescaleDB not available" in caplog.text
+    (record,) = [r for r in caplog.records if "TimescaleDB not available" in r.getMessage()]
+    assert record.levelno == logging.INFO  # the ordinary case, not a warning
+
+
+def _not_preloaded(bindir: Path, caplog) -> None:
+    """The issue's crash: the extension is installed, the server did not preload it."""
+    server, data_dir = _server(bindir, "postgresql")
+    caplog.set_level(logging.INFO, logger="iot_platform.warehouse.migrations")
+    try:
+        server.start()
+        assert not server.timescaledb_loaded
+        server.ensure_database("iot")
+        with psycopg.connect(server.conninfo("iot")) as conn:
+            assert migrate(conn, "auto")[0] is Dialect.POSTGRES
+        (record,) = [r for r in caplog.records if "TimescaleDB not available" in r.getMessage()]
+        assert record.levelno == logging.WARNING
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_installed_but_not_preloaded_never_crashes_the_migration(broken_timescaledb_bindir, caplog):
+    _not_preloaded(broken_timescaledb_bindir, caplog)
+
+
+@pytest.mark.skipif(
+    not os.environ.get(TEST_BINDIR_ENV), reason=f"{TEST_BINDIR_ENV} (a real TimescaleDB) not set"
+)
+def test_a_real_timescaledb_not_preloaded_never_crashes_the_migration(caplog):
+    _not_preloaded(Path(os.environ[TEST_BINDIR_ENV]), caplog)
 
 
 def test_timescale_migration_reports_only_what_it_ran(timescaledb):
