@@ -48,6 +48,9 @@ from iot_platform.rawbatch import BatchKey, read_batch
 
 log = logging.getLogger(__name__)
 
+# pg_advisory_xact_lock key that serialises load transactions (see load_frames).
+LOAD_LOCK_KEY = 0x10A7_0AD
+
 # PostgreSQL type of each decoder column type (the staging tables' columns).
 _PG_TYPES: dict[pl.DataType, str] = {
     UTC_US: "timestamptz",
@@ -229,6 +232,17 @@ def load_frames(
         # A crash may lose this commit, and then its ledger row too: the batch is simply
         # loaded again. Not waiting for the WAL flush makes each batch's commit cheap.
         conn.execute("SET LOCAL synchronous_commit = off")
+        # One load transaction at a time (two runs of different hours, a backfill beside
+        # the live path). De-duplication needs "claimed by an earlier batch" (lower
+        # batch_id, _drop_claimed) to mean "its rows are the stored ones". Two overlapping
+        # loads of the same messages broke that: each saw no claim, the later id's rows
+        # won the unique index, and reloading that batch then dropped them as claimed by
+        # the other — a message lost (tests/integration/test_warehouse.py reproduces it).
+        # Holding this lock from before the ledger insert to the commit makes batch_id
+        # order the commit order. (Inside a caller's open transaction this block is a
+        # savepoint and the lock lasts until that commits: the asset commits its reads
+        # first, so each batch is a transaction of its own.)
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [LOAD_LOCK_KEY])
         previous = conn.execute(
             "SELECT batch_id, min_ts, max_ts FROM ingest_batches WHERE object_key = %s FOR UPDATE",
             [info.key],
