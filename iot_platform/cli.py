@@ -87,13 +87,15 @@ def _cmd_db_migrate(settings: PlatformSettings, _args: argparse.Namespace) -> in
     import psycopg
 
     from iot_platform.stack import warehouse_conninfo
-    from iot_platform.warehouse.migrations import migrate
+    from iot_platform.warehouse.migrations import DialectError, migrate
 
     try:
         with psycopg.connect(warehouse_conninfo(settings)) as conn:
-            dialect, applied = migrate(conn)
+            dialect, applied = migrate(conn, settings.warehouse_dialect)
     except psycopg.OperationalError as exc:
         raise ServiceError(f"cannot reach the warehouse: {exc}") from exc
+    except DialectError as exc:
+        raise ServiceError(str(exc)) from None
     print(
         f"warehouse {settings.pg_database} ({dialect.value}): "
         f"{'applied ' + ', '.join(applied) if applied else 'already up to date'}"

@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -196,3 +197,24 @@ def test_auto_preloads_an_installed_timescaledb_and_the_warehouse_uses_it():
     finally:
         server.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_db_migrate_says_why_it_will_not_switch_a_warehouse_dialect(postgres_db, tmp_path):
+    params = psycopg.conninfo.conninfo_to_dict(postgres_db)
+    env = {
+        **os.environ,
+        "IOT_HOME": str(tmp_path),
+        "IOT_PG_HOST": str(params["host"]),
+        "IOT_PG_PORT": str(params["port"]),
+        "IOT_PG_USER": str(params["user"]),
+        "IOT_PG_PASSWORD": str(params["password"]),
+        "IOT_PG_DB": str(params["dbname"]),
+    }
+    cli = [sys.executable, "-m", "iot_platform.cli", "db", "migrate"]
+    first = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "(postgresql): applied" in first.stdout
+    env["IOT_WAREHOUSE_DIALECT"] = "timescaledb"
+    refused = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "created as postgresql" in refused.stderr and "Traceback" not in refused.stderr
