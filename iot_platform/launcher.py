@@ -9,17 +9,31 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from dagster import DagsterRunStatus
-from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
 
 from iot_platform.services.process import ServiceError
 from iot_platform.settings import PlatformSettings, Secret, dagster_auth_header
 
-TERMINAL = {DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
+
+class RunStatus(StrEnum):
+    """A run's status as the webserver's GraphQL API reports it (Dagster's RunStatus)."""
+
+    QUEUED = "QUEUED"
+    NOT_STARTED = "NOT_STARTED"
+    MANAGED = "MANAGED"
+    STARTING = "STARTING"
+    STARTED = "STARTED"
+    SUCCESS = "SUCCESS"
+    FAILURE = "FAILURE"
+    CANCELING = "CANCELING"
+    CANCELED = "CANCELED"
+
+
+TERMINAL = {RunStatus.SUCCESS, RunStatus.FAILURE, RunStatus.CANCELED}
 PROGRESS_EVERY_S = 10.0  # a line at least this often while a run is not finished
 
 _RUN_EVENTS = """
@@ -49,6 +63,39 @@ query RunEvents($runId: ID!) {
 """
 
 
+# The launcher speaks the webserver's GraphQL API directly (as the UI does) rather than
+# through dagster-graphql's client, which imports all of Dagster: 2 s on every CLI call.
+_JOB_LOCATIONS = """
+query JobLocations {
+  repositoriesOrError {
+    __typename
+    ... on RepositoryConnection { nodes { name location { name } jobs { name } } }
+    ... on Error { message }
+  }
+}
+"""
+
+_LAUNCH_RUN = """
+mutation LaunchRun($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on RunConfigValidationInvalid { errors { message } }
+    ... on Error { message }
+  }
+}
+"""
+
+_RUN_STATUS = """
+query RunStatus($runId: ID!) {
+  runOrError(runId: $runId) {
+    __typename
+    ... on Run { status }
+    ... on Error { message }
+  }
+}
+"""
+
 _LAUNCH_BACKFILL = """
 mutation Backfill($params: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $params) {
@@ -77,7 +124,7 @@ class LaunchError(ServiceError):
 @dataclass(frozen=True)
 class RunOutcome:
     run_id: str
-    status: DagsterRunStatus
+    status: RunStatus
     errors: list[str]
     url: str
     # text, path and JSON metadata of each materialization the run reported, in order: what the
@@ -86,7 +133,7 @@ class RunOutcome:
 
     @property
     def succeeded(self) -> bool:
-        return self.status == DagsterRunStatus.SUCCESS
+        return self.status == RunStatus.SUCCESS
 
 
 def run_errors(events: list[dict[str, Any]]) -> list[str]:
@@ -147,14 +194,6 @@ class JobLauncher:
         self.base_url = f"{'https' if https else 'http'}://{host}:{port}{path_prefix}"
         self.timeout_s = timeout_s
         self._headers = {"Authorization": auth_header.value} if auth_header else {}
-        self._client = DagsterGraphQLClient(
-            host,
-            port_number=port,
-            use_https=https,
-            path_prefix=path_prefix,
-            headers=self._headers,
-            timeout=30,
-        )
 
     @classmethod
     def from_settings(cls, settings: PlatformSettings, *, timeout_s: float = 300) -> JobLauncher:
@@ -178,14 +217,7 @@ class JobLauncher:
         tags: dict[str, str] | None = None,
         progress: Callable[[str], None] = lambda _msg: None,
     ) -> RunOutcome:
-        try:
-            run_id = self._client.submit_job_execution(
-                job_name, run_config=run_config, tags=tags or {}
-            )
-        except DagsterGraphQLClientError as exc:
-            raise LaunchError(f"cannot launch {job_name} at {self.base_url}: {exc}") from exc
-        except OSError as exc:  # requests' ConnectionError is an OSError
-            raise LaunchError(f"the Dagster webserver at {self.base_url} is unreachable") from exc
+        run_id = self._launch(job_name, run_config, tags or {})
         url = f"{self.base_url}/runs/{run_id}"
         progress(f"launched {job_name}: {url}")
         started = time.monotonic()
@@ -205,7 +237,7 @@ class JobLauncher:
             if status != previous:
                 progress(f"{job_name}: {status.value} after {time.monotonic() - started:.0f}s")
         events = self._graphql(_RUN_EVENTS, runId=run_id)["logsForRun"].get("events", [])
-        errors = [] if status == DagsterRunStatus.SUCCESS else run_errors(events)
+        errors = [] if status == RunStatus.SUCCESS else run_errors(events)
         return RunOutcome(run_id, status, errors, url, materializations(events))
 
     def backfill(self, asset_keys: list[list[str]], partitions: list[str]) -> str:
@@ -231,11 +263,45 @@ class JobLauncher:
                 raise LaunchError(f"backfill {backfill_id} not done after {self.timeout_s:.0f}s")
             time.sleep(1)
 
-    def _status(self, run_id: str) -> DagsterRunStatus:
+    def _launch(self, job_name: str, run_config: Mapping[str, Any], tags: dict[str, str]) -> str:
+        """Launch ``job_name`` from the one code location that has it; returns the run id."""
+        repositories = self._graphql(_JOB_LOCATIONS)["repositoriesOrError"]
+        if "nodes" not in repositories:
+            raise LaunchError(f"cannot list the code locations: {repositories.get('message')}")
+        homes = [
+            (repo["location"]["name"], repo["name"])
+            for repo in repositories["nodes"]
+            if any(job["name"] == job_name for job in repo["jobs"])
+        ]
+        if len(homes) != 1:
+            where = f"in {len(homes)} code locations" if homes else "in no code location"
+            raise LaunchError(f"cannot launch {job_name} at {self.base_url}: it is {where}")
+        ((location, repository),) = homes
+        params = {
+            "selector": {
+                "repositoryLocationName": location,
+                "repositoryName": repository,
+                "jobName": job_name,
+            },
+            "runConfigData": dict(run_config),
+            "executionMetadata": {"tags": [{"key": k, "value": v} for k, v in tags.items()]},
+        }
+        launched = self._graphql(_LAUNCH_RUN, executionParams=params)["launchRun"]
+        if launched["__typename"] == "LaunchRunSuccess":
+            return str(launched["run"]["runId"])
+        reasons = [e["message"] for e in launched.get("errors", [])] or [
+            launched.get("message") or launched["__typename"]
+        ]
+        raise LaunchError(f"cannot launch {job_name} at {self.base_url}: {'; '.join(reasons)}")
+
+    def _status(self, run_id: str) -> RunStatus:
         try:
-            return self._client.get_run_status(run_id)
-        except (DagsterGraphQLClientError, requests.RequestException) as exc:
-            raise LaunchError(f"lost track of run {run_id} at {self.base_url}: {exc}") from exc
+            run = self._graphql(_RUN_STATUS, runId=run_id)["runOrError"]
+        except LaunchError as exc:
+            raise LaunchError(f"lost track of run {run_id}: {exc}") from exc
+        if "status" not in run:
+            raise LaunchError(f"lost track of run {run_id}: {run.get('message', run)}")
+        return RunStatus(run["status"])
 
     def _graphql(self, query: str, **variables: Any) -> dict[str, Any]:
         try:
