@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from iot_platform.health import RULES, HealthSettings, evaluate
 from iot_platform.objectstore import LocalDirectoryStore
@@ -138,23 +137,13 @@ def timescale_conn(
 ) -> Iterator[tuple[psycopg.Connection, dt.datetime]]:
     """The TimescaleDB dialect (the double, or a real server), the warehouse in a schema of
     its own (the double is one shared session)."""
-    schema = f"dash_{secrets.token_hex(4)}"
-    now = dt.datetime.now(dt.UTC)
-    with timescaledb.connect(autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
-        try:
-            conn.autocommit = False
-            assert migrate(conn, "auto")[0] is Dialect.TIMESCALE
-            seed(conn, tmp_path_factory.mktemp("dash-objects"), now)
-            finish(conn, Dialect.TIMESCALE, now)
-            conn.autocommit = True
-            yield conn, dt.datetime.now(dt.UTC)  # looked at after the load
-        finally:
-            conn.autocommit = True
-            conn.execute("RESET search_path")
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    with timescaledb.schema("dash") as (conn, _schema):
+        now = dt.datetime.now(dt.UTC)
+        assert migrate(conn, "auto")[0] is Dialect.TIMESCALE
+        seed(conn, tmp_path_factory.mktemp("dash-objects"), now)
+        finish(conn, Dialect.TIMESCALE, now)
+        conn.autocommit = True
+        yield conn, dt.datetime.now(dt.UTC)  # looked at after the load
 
 
 def _run(conn: psycopg.Connection, query: SqlQuery, now: dt.datetime, zoom: str, ts_option: bool):

@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import math
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -432,77 +431,64 @@ def test_the_same_models_build_on_the_timescale_double(
 ):
     """Same models, TimescaleDB dialect (hypertable + continuous aggregates). The double
     is one shared session: the warehouse goes into a schema of its own, dropped after."""
-    schema = f"wh_{secrets.token_hex(4)}"
-    marts = f"{schema}_analytics"
-    with timescaledb.connect(autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
-        try:
-            conn.autocommit = False
-            assert migrate(conn)[0] is Dialect.TIMESCALE
-            seed(conn, tmp_path / "objects")
-            conn.autocommit = True
-            refresh_rollups(conn, Dialect.TIMESCALE)
-            conn.autocommit = False
-            evaluate_health(conn)
-            conn.autocommit = True
+    with timescaledb.schema("wh") as (conn, schema):
+        marts = f"{schema}_analytics"
+        assert migrate(conn)[0] is Dialect.TIMESCALE
+        seed(conn, tmp_path / "objects")
+        conn.autocommit = True
+        refresh_rollups(conn, Dialect.TIMESCALE)
+        conn.autocommit = False
+        evaluate_health(conn)
+        conn.autocommit = True
 
-            _pg_env(monkeypatch, timescaledb.conninfo)
-            # dbt qualifies relations with the profile's dbname; PGlite serves any dbname
-            # from its one database, whose current_database() is `template1`.
-            monkeypatch.setenv("IOT_PG_DB", conn.execute("SELECT current_database()").fetchone()[0])
-            monkeypatch.setenv("IOT_DBT_SOURCE_SCHEMA", schema)
-            monkeypatch.setenv("IOT_DBT_TARGET_SCHEMA", marts)
-            with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
-                result = materialize(dbt_module, instance, raise_on_error=False)
-            failed = [n for n, e in checks(result).items() if not e.passed]
-            assert result.success, failed
-            assert failed == []
+        _pg_env(monkeypatch, timescaledb.conninfo)
+        # dbt qualifies relations with the profile's dbname; PGlite serves any dbname
+        # from its one database, whose current_database() is `template1`.
+        monkeypatch.setenv("IOT_PG_DB", conn.execute("SELECT current_database()").fetchone()[0])
+        monkeypatch.setenv("IOT_DBT_SOURCE_SCHEMA", schema)
+        monkeypatch.setenv("IOT_DBT_TARGET_SCHEMA", marts)
+        with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+            result = materialize(dbt_module, instance, raise_on_error=False)
+        failed = [n for n, e in checks(result).items() if not e.passed]
+        assert result.success, failed
+        assert failed == []
 
-            got = _rows(
-                conn,
-                sql.SQL(
-                    "SELECT day, device_id, metric, samples FROM {}.device_daily_summary"
-                    " ORDER BY 1, 2, 3"
-                ).format(sql.Identifier(marts)),
-            )
-            expected = _rows(
-                conn,
-                """SELECT (ts AT TIME ZONE 'UTC')::date, device_id::text, metric::text,
-                          count(*) FROM telemetry GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
-            )
-            assert len(got) == 9 and got == expected
-            uptime = _rows(
-                conn,
-                sql.SQL(
-                    "SELECT day::text, device_id, hours_with_data FROM {}.device_uptime"
-                    " WHERE hours_with_data > 0 ORDER BY 1, 2"
-                ).format(sql.Identifier(marts)),
-            )
-            assert uptime == [
-                ("2026-03-01", "dbt-a", 4),
-                ("2026-03-01", "dbt-b", 1),
-                ("2026-03-02", "dbt-a", 4),
-            ]
-            latest = _rows(
-                conn,
-                sql.SQL(
-                    "SELECT device_id, metric, last_ts, last_value, last_status"
-                    " FROM {}.device_latest_state ORDER BY 1, 2"
-                ).format(sql.Identifier(marts)),
-            )
-            expected = _rows(
-                conn,
-                """SELECT DISTINCT ON (device_id, metric) device_id::text, metric::text, ts,
-                          value, CASE device_id WHEN 'dbt-a' THEN 'offline' END
-                   FROM telemetry ORDER BY device_id, metric, ts DESC""",
-            )
-            assert len(latest) == 6 and latest == expected
-        finally:
-            conn.autocommit = True
-            conn.execute("RESET search_path")
-            for name in (marts, schema):
-                conn.execute(
-                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
-                )
+        got = _rows(
+            conn,
+            sql.SQL(
+                "SELECT day, device_id, metric, samples FROM {}.device_daily_summary"
+                " ORDER BY 1, 2, 3"
+            ).format(sql.Identifier(marts)),
+        )
+        expected = _rows(
+            conn,
+            """SELECT (ts AT TIME ZONE 'UTC')::date, device_id::text, metric::text,
+                      count(*) FROM telemetry GROUP BY 1, 2, 3 ORDER BY 1, 2, 3""",
+        )
+        assert len(got) == 9 and got == expected
+        uptime = _rows(
+            conn,
+            sql.SQL(
+                "SELECT day::text, device_id, hours_with_data FROM {}.device_uptime"
+                " WHERE hours_with_data > 0 ORDER BY 1, 2"
+            ).format(sql.Identifier(marts)),
+        )
+        assert uptime == [
+            ("2026-03-01", "dbt-a", 4),
+            ("2026-03-01", "dbt-b", 1),
+            ("2026-03-02", "dbt-a", 4),
+        ]
+        latest = _rows(
+            conn,
+            sql.SQL(
+                "SELECT device_id, metric, last_ts, last_value, last_status"
+                " FROM {}.device_latest_state ORDER BY 1, 2"
+            ).format(sql.Identifier(marts)),
+        )
+        expected = _rows(
+            conn,
+            """SELECT DISTINCT ON (device_id, metric) device_id::text, metric::text, ts,
+                      value, CASE device_id WHEN 'dbt-a' THEN 'offline' END
+               FROM telemetry ORDER BY device_id, metric, ts DESC""",
+        )
+        assert len(latest) == 6 and latest == expected

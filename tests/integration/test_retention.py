@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import secrets
 from collections.abc import Iterator
 
 import dagster as dg
@@ -196,30 +195,11 @@ def test_the_asset_records_what_it_dropped(plain, postgres_db, monkeypatch):
 @pytest.fixture
 def timescale(timescaledb) -> Iterator[psycopg.Connection]:
     """A migrated TimescaleDB warehouse in a schema of its own, dropped afterwards."""
-    schema = f"wh_{secrets.token_hex(4)}"
-    with timescaledb.connect(autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
-        try:
-            conn.autocommit = False
-            assert migrate(conn, "timescaledb")[0] is Dialect.TIMESCALE
-            conn.commit()
-            conn.autocommit = True
-            yield conn
-        finally:
-            conn.rollback()
-            conn.autocommit = True
-            conn.execute("RESET search_path")
-            # Dropping the hypertables drops their policies. A real TimescaleDB's background
-            # job may be compressing a chunk right now: a deadlock victim tries again.
-            for attempt in range(5):
-                try:
-                    conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-                    break
-                except psycopg.errors.DeadlockDetected:
-                    if attempt == 4:
-                        raise
+    with timescaledb.schema("wh") as (conn, _schema):
+        assert migrate(conn, "timescaledb")[0] is Dialect.TIMESCALE
+        conn.commit()
+        conn.autocommit = True
+        yield conn
 
 
 def _policies(conn: psycopg.Connection) -> dict[tuple[str, str], dt.timedelta]:

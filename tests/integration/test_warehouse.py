@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import threading
 from collections.abc import Iterator
 
@@ -162,36 +161,26 @@ def test_timescale_dialect_gives_the_same_answers(warehouse, timescaledb, tmp_pa
     _refresh_all(warehouse, Dialect.POSTGRES)
     expected = {name: _rollup(warehouse, name) for name in ROLLUPS}
 
-    schema = f"wh_{secrets.token_hex(4)}"
-    with timescaledb.connect(autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
-        try:
-            conn.autocommit = False
-            assert migrate(conn)[0] is Dialect.TIMESCALE
-            assert conn.execute(
-                "SELECT count(*) FROM timescaledb_information.hypertables"
-                " WHERE hypertable_name = 'telemetry' AND hypertable_schema = %s",
-                [schema],
-            ).fetchone() == (1,)
-            _register(conn, DEVICES)
-            loaded = _load(conn, store, info)
-            loaded_again = _load(conn, store, info)
-            conn.commit()
-            assert loaded.telemetry_rows == loaded_again.telemetry_rows == 360
-            conn.autocommit = True
-            _refresh_all(conn, Dialect.TIMESCALE)
-            for name in ROLLUPS:
-                got = [
-                    tuple(float(v) if isinstance(v, float) else v for v in row)
-                    for row in _rollup(conn, name)
-                ]
-                assert got == expected[name], name
-        finally:
-            conn.autocommit = True
-            conn.execute("RESET search_path")
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    with timescaledb.schema("wh") as (conn, schema):
+        assert migrate(conn)[0] is Dialect.TIMESCALE
+        assert conn.execute(
+            "SELECT count(*) FROM timescaledb_information.hypertables"
+            " WHERE hypertable_name = 'telemetry' AND hypertable_schema = %s",
+            [schema],
+        ).fetchone() == (1,)
+        _register(conn, DEVICES)
+        loaded = _load(conn, store, info)
+        loaded_again = _load(conn, store, info)
+        conn.commit()
+        assert loaded.telemetry_rows == loaded_again.telemetry_rows == 360
+        conn.autocommit = True
+        _refresh_all(conn, Dialect.TIMESCALE)
+        for name in ROLLUPS:
+            got = [
+                tuple(float(v) if isinstance(v, float) else v for v in row)
+                for row in _rollup(conn, name)
+            ]
+            assert got == expected[name], name
 
 
 def test_a_redelivered_message_in_another_batch_is_stored_once(warehouse, tmp_path):

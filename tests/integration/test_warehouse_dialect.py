@@ -18,7 +18,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from iot_platform.services.postgres import PostgresServer, postgres_bindir, timescaledb_installed
 from iot_platform.services.process import ServiceError, free_port
@@ -160,23 +159,12 @@ def test_a_real_timescaledb_not_preloaded_never_crashes_the_migration(caplog):
 def test_timescale_migration_reports_only_what_it_ran(timescaledb):
     """On TimescaleDB the plain-PostgreSQL-only migration (time_bucket) is recorded but not
     reported as applied: the start-up log must not claim it ran."""
-    schema = f"wh_{secrets.token_hex(4)}"
-    with timescaledb.connect(autocommit=True) as conn:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
-        try:
-            conn.autocommit = False
-            dialect, applied = migrate(conn, "timescaledb")
-            assert dialect is Dialect.TIMESCALE
-            assert applied and not any("plain PostgreSQL" in name for name in applied)
-            recorded = conn.execute("SELECT version FROM schema_migrations").fetchall()
-            assert (TIME_BUCKET.version,) in recorded
-        finally:
-            conn.rollback()
-            conn.autocommit = True
-            conn.execute("RESET search_path")
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    with timescaledb.schema("wh") as (conn, _schema):
+        dialect, applied = migrate(conn, "timescaledb")
+        assert dialect is Dialect.TIMESCALE
+        assert applied and not any("plain PostgreSQL" in name for name in applied)
+        recorded = conn.execute("SELECT version FROM schema_migrations").fetchall()
+        assert (TIME_BUCKET.version,) in recorded
 
 
 @pytest.mark.skipif(

@@ -4,9 +4,10 @@ Each tick reads the latest evaluation of every watched check from the instance's
 (``EventLogStorage.get_latest_asset_check_execution_by_key``) — a check whose run failed
 before evaluating it counts as ERROR, so a health job that cannot reach the warehouse is
 heard about too — compares each check's status with the one remembered in the sensor
-cursor, and sends one message per change (``iot_platform.alerts``). Evaluations that change nothing send nothing, however
-often the checks run. On by default and visible under Automation in the UI, where an
-operator can stop it. It launches no runs: its tick says what it sent.
+cursor, and sends one message per change (``iot_platform.alerts``). Evaluations that change
+nothing send nothing, however often the checks run. On by default and visible under
+Automation in the UI, where an operator can stop it. It launches no runs: its tick says
+what it sent.
 """
 
 from __future__ import annotations
