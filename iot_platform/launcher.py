@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from iot_platform.services.process import ServiceError
+from iot_platform.services.process import PROGRESS_EVERY_S, ServiceError
 from iot_platform.settings import PlatformSettings, Secret, dagster_auth_header
 
 
@@ -34,7 +34,6 @@ class RunStatus(StrEnum):
 
 
 TERMINAL = {RunStatus.SUCCESS, RunStatus.FAILURE, RunStatus.CANCELED}
-PROGRESS_EVERY_S = 10.0  # a line at least this often while a run is not finished
 
 _RUN_EVENTS = """
 query RunEvents($runId: ID!) {

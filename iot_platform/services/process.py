@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-PROGRESS_EVERY_S = 10.0  # a log line at least this often while waiting for a service
+# While waiting for a service to start or a run to end: a progress line at least this often.
+PROGRESS_EVERY_S = 10.0
 
 
 class ServiceError(RuntimeError):
