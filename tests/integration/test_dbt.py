@@ -431,7 +431,7 @@ def test_the_same_models_build_on_the_timescale_double(
 ):
     """Same models, TimescaleDB dialect (hypertable + continuous aggregates). The double
     is one shared session: the warehouse goes into a schema of its own, dropped after."""
-    with timescaledb.schema("wh") as (conn, schema):
+    with timescaledb.schema("wh", companions=("analytics",)) as (conn, schema):
         marts = f"{schema}_analytics"
         assert migrate(conn)[0] is Dialect.TIMESCALE
         seed(conn, tmp_path / "objects")
