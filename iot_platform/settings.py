@@ -305,7 +305,6 @@ class PlatformSettings:
     ts_max_ahead_s: float
     ts_max_age_s: float
     warehouse_dialect: str
-    retention: RetentionSettings
 
     @classmethod
     def from_env(cls) -> PlatformSettings:
@@ -376,7 +375,6 @@ class PlatformSettings:
             ts_max_ahead_s=env_float("IOT_TS_MAX_AHEAD_S", 86_400, minimum=0),
             ts_max_age_s=ts_max_age_s(),
             warehouse_dialect=warehouse_dialect_setting(),
-            retention=RetentionSettings.from_env(),
         )
 
 
@@ -436,7 +434,7 @@ class LakeSettings:
             raw_retention_hours=env_float("IOT_RAW_BATCH_RETENTION_HOURS", 72, minimum=0),
         )
         ledger_days = RetentionSettings.from_env().ledger
-        if ledger_days is not None and ledger_days * 24 < settings.raw_retention_hours:
+        if not _keeps_longer(ledger_days, settings.raw_retention_hours / 24):
             raise SettingsError(
                 f"IOT_RAW_BATCH_RETENTION_HOURS={settings.raw_retention_hours:g} outlives the "
                 f"load ledger IOT_RETENTION_LEDGER_DAYS={ledger_days:g}: a raw batch must be "
