@@ -109,7 +109,7 @@ def simulate(
         ca_file=settings.certs_dir / "ca.crt",
         credentials=lambda device: device_paths(settings.certs_dir, device.device_id),
     )
-    launcher = JobLauncher(settings.dagster_host, settings.dagster_port)
+    launcher = JobLauncher.from_settings(settings)
     enrolled = enroll_fleet(settings, conninfo, launcher, fleet)
     log.info("enrolled %d device(s) through enroll_device: %s", len(enrolled), enrolled)
     for sig in (signal.SIGINT, signal.SIGTERM):
