@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from string import Template
 
-from iot_platform.broker_control import INGEST_IDENTITY, read_denied_identities
+from iot_platform.broker_control import INGEST_IDENTITY, read_denied_identities, template
 from iot_platform.pki import write_public
 from iot_platform.settings import MQTT_MAX_PACKET_BYTES, PlatformSettings
 from iot_platform.topics import DEVICE_READS, FAMILIES
@@ -62,7 +60,7 @@ def render_acl(ingest_user: str, denied: list[str]) -> str:
     denied_rules = "\n".join(
         f'{{deny, {{username, {json.dumps(identity)}}}, all, ["#"]}}.' for identity in denied
     )
-    return _template("emqx_acl.conf.tmpl").substitute(
+    return template("emqx_acl.conf.tmpl").substitute(
         denied_rules=denied_rules or "%% (none)",
         device_rules=device_rules(),
         ingest_user=ingest_user,
@@ -97,16 +95,12 @@ class EmqxConfig:
             "max_queued": self.max_queued,
         }
         acl = render_acl(self.ingest_user, read_denied_identities(self.certs_dir))
-        return _template("emqx.conf.tmpl").substitute(values), acl
+        return template("emqx.conf.tmpl").substitute(values), acl
 
     def write(self) -> Path:
         conf, acl = self.render()
         self.config_dir.mkdir(parents=True, exist_ok=True)
         write_public(self.config_dir / "acl.conf", acl.encode())
         conf_path = self.config_dir / "emqx.conf"
-        conf_path.write_text(conf)
+        write_public(conf_path, conf.encode())
         return conf_path
-
-
-def _template(name: str) -> Template:
-    return Template(resources.files("iot_platform.templates").joinpath(name).read_text())
