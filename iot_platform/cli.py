@@ -87,15 +87,13 @@ def _cmd_db_migrate(settings: PlatformSettings, _args: argparse.Namespace) -> in
     import psycopg
 
     from iot_platform.stack import warehouse_conninfo
-    from iot_platform.warehouse.migrations import DialectError, migrate
+    from iot_platform.warehouse.migrations import migrate
 
     try:
         with psycopg.connect(warehouse_conninfo(settings)) as conn:
             dialect, applied = migrate(conn, settings.warehouse_dialect)
     except psycopg.OperationalError as exc:
         raise ServiceError(f"cannot reach the warehouse: {exc}") from exc
-    except DialectError as exc:
-        raise ServiceError(str(exc)) from None
     print(
         f"warehouse {settings.pg_database} ({dialect.value}): "
         f"{'applied ' + ', '.join(applied) if applied else 'already up to date'}"
@@ -285,7 +283,7 @@ def _cmd_dashboards_import(settings: PlatformSettings, args: argparse.Namespace)
         raise SettingsError("deploy/grafana/ is not here: run from the source checkout")
     reader = local_secret(settings, "IOT_GRAFANA_DB_PASSWORD", "grafana_db_password")
     with psycopg.connect(warehouse_conninfo(settings)) as conn:
-        migrate(conn)
+        migrate(conn, settings.warehouse_dialect)
         grant_grafana_login(conn, reader)
     grafana = Grafana(
         args.grafana_url,

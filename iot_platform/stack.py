@@ -40,7 +40,7 @@ from iot_platform.settings import (
     env_int,
     env_secret,
 )
-from iot_platform.warehouse.migrations import Dialect, DialectError, migrate
+from iot_platform.warehouse.migrations import Dialect, migrate
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +215,7 @@ class EmbeddedStack:
             if self.postgres.ensure_database(database):
                 log.info("created database %s", database)
         with psycopg.connect(self.postgres.conninfo(self.settings.pg_database)) as conn:
-            try:
-                dialect, applied = migrate(conn, self.settings.warehouse_dialect)
-            except DialectError as exc:
-                raise ServiceError(str(exc)) from None
+            dialect, applied = migrate(conn, self.settings.warehouse_dialect)
             self.warehouse_dialect = _describe_dialect(conn, dialect)
         log.info("warehouse (%s): %s", dialect.value, ", ".join(applied) or "schema up to date")
         self._supervise("mosquitto", lambda: self.broker.start().process)

@@ -18,7 +18,7 @@ from enum import StrEnum
 import psycopg
 from psycopg import errors, sql
 
-from iot_platform.settings import Secret, env_secret, warehouse_dialect_setting
+from iot_platform.settings import Secret, SettingsError, env_secret, warehouse_dialect_setting
 
 log = logging.getLogger(__name__)
 
@@ -315,8 +315,9 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 
-class DialectError(RuntimeError):
-    """The requested dialect cannot be used here; the message says why and what to do."""
+class DialectError(SettingsError):
+    """The requested dialect (IOT_WAREHOUSE_DIALECT) cannot be used here; the message says
+    why and what to do. A settings error, so every entry point reports it as one."""
 
 
 def detect_dialect(conn: psycopg.Connection, requested: str) -> Dialect:
