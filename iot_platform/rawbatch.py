@@ -58,7 +58,7 @@ class BatchKey:
     @property
     def partition_key(self) -> str:
         """The Dagster hourly partition (receive hour) this batch belongs to."""
-        return self.first_received_at.astimezone(dt.UTC).strftime("%Y-%m-%d-%H:00")
+        return partition_key(self.first_received_at)
 
     @classmethod
     def parse(cls, key: str) -> BatchKey:
@@ -73,6 +73,11 @@ class BatchKey:
 
 def _from_epoch_us(value: int) -> dt.datetime:
     return EPOCH + dt.timedelta(microseconds=value)
+
+
+def partition_key(at: dt.datetime) -> str:
+    """The Dagster hourly partition (``2026-03-01-12:00``) of the receive hour ``at`` is in."""
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%d-%H:00")
 
 
 def hour_prefix(at: dt.datetime) -> str:

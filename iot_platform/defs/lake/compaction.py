@@ -17,10 +17,9 @@ import datetime as dt
 import dagster as dg
 
 from iot_platform.defs.keys import RAW_BATCHES
-from iot_platform.defs.partitions import hourly_partitions
+from iot_platform.defs.partitions import hourly_partitions, partition_start, partitions_in_flight
 from iot_platform.defs.resources import ObjectStoreResource
 from iot_platform.defs.warehouse.retry import LOAD_RETRY
-from iot_platform.defs.warehouse.sensors import IN_FLIGHT
 from iot_platform.lake import (
     LakeError,
     compact_hour,
@@ -29,14 +28,11 @@ from iot_platform.lake import (
     manifest_key,
 )
 from iot_platform.objectstore import ObjectStoreError
+from iot_platform.rawbatch import partition_key
 from iot_platform.settings import LakeSettings
 
 RAW_LAKE = dg.AssetKey(["raw", "raw_lake"])
 SENSOR_INTERVAL_S = 300
-
-
-def partition_hour(partition_key: str) -> dt.datetime:
-    return dt.datetime.strptime(partition_key, "%Y-%m-%d-%H:%M").replace(tzinfo=dt.UTC)
 
 
 @dg.asset(
@@ -57,7 +53,7 @@ def raw_lake(
     context: dg.AssetExecutionContext, object_store: ObjectStoreResource
 ) -> dg.MaterializeResult:
     settings = LakeSettings.from_env()
-    hour = partition_hour(context.partition_key)
+    hour = partition_start(context.partition_key)
     try:
         result = compact_hour(
             object_store.store(),
@@ -101,20 +97,6 @@ raw_lake_compaction_job = dg.define_asset_job(
 )
 
 
-def _in_flight(instance: dg.DagsterInstance) -> set[str]:
-    """Hours with a compaction queued or running (the sensor's runs, a backfill, a manual
-    run): one at a time per hour, so two runs never write and clean up the same files."""
-    runs = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT))]
-    return {
-        run.tags["dagster/partition"]
-        for run in runs
-        if "dagster/partition" in run.tags
-        and (
-            run.job_name == raw_lake_compaction_job.name or RAW_LAKE in (run.asset_selection or ())
-        )
-    }
-
-
 @dg.sensor(
     name="raw_lake_compaction_sensor",
     job=raw_lake_compaction_job,
@@ -140,10 +122,10 @@ def raw_lake_compaction_sensor(
         return dg.SkipReason(f"object store unavailable: {exc}")
     if not pending:
         return dg.SkipReason("every closed hour in the look-back is compacted")
-    busy = _in_flight(context.instance)
+    busy = partitions_in_flight(context.instance, raw_lake_compaction_job.name, RAW_LAKE)
     requests = []
     for hour, keys in sorted(pending.items()):
-        partition = f"{hour:%Y-%m-%d-%H:00}"
+        partition = partition_key(hour)
         if partition in busy:
             continue  # its run may already hold these keys; look again next tick
         requests.append(

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from iot_platform.decode import DEFAULT_MAX_PAYLOAD_BYTES, TsWindow
 from iot_platform.defs.keys import DEVICE_EVENTS, RAW_BATCHES, TELEMETRY
-from iot_platform.defs.partitions import hourly_partitions
+from iot_platform.defs.partitions import hourly_partitions, partition_start
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.defs.warehouse.retry import LOAD_RETRY
 from iot_platform.objectstore import ObjectNotFound
@@ -35,10 +35,6 @@ class LoadConfig(dg.Config):
         default=DEFAULT_MAX_PAYLOAD_BYTES,
         description="Payloads larger than this are rejected as oversized (not parsed).",
     )
-
-
-def partition_start(partition_key: str) -> dt.datetime:
-    return dt.datetime.strptime(partition_key, "%Y-%m-%d-%H:%M").replace(tzinfo=dt.UTC)
 
 
 @dg.multi_asset(

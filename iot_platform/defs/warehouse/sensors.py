@@ -15,6 +15,7 @@ import hashlib
 import dagster as dg
 
 from iot_platform.defs.keys import RAW_BATCHES, TELEMETRY
+from iot_platform.defs.partitions import partitions_in_flight
 from iot_platform.defs.resources import ObjectStoreResource
 from iot_platform.defs.warehouse.jobs import load_job
 from iot_platform.discovery import Cursor, Discovery, discover, plan_runs
@@ -25,26 +26,6 @@ from iot_platform.settings import env_float, env_int
 # passed. An interval of exactly 5 s missed every other loop by milliseconds (ticks were 5
 # or 10 s apart); 1 s makes every loop tick, so a batch waits at most ~5 s for the sensor.
 SENSOR_INTERVAL_S = env_int("IOT_SENSOR_INTERVAL_S", 1, minimum=1)
-
-IN_FLIGHT = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
-
-
-def load_partitions_in_flight(instance: dg.DagsterInstance) -> set[str]:
-    """Hours with a queued or running load: the sensor's own runs, their retries, and any
-    backfill or manual run that materialises ``telemetry``."""
-    runs = [r.dagster_run for r in instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT))]
-    return {
-        run.tags["dagster/partition"]
-        for run in runs
-        if "dagster/partition" in run.tags
-        and (run.job_name == load_job.name or TELEMETRY in (run.asset_selection or ()))
-    }
 
 
 def _discover(object_store: ObjectStoreResource, cursor: Cursor, room: int) -> Discovery:
@@ -95,7 +76,7 @@ def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectSt
             f"(IOT_SENSOR_MAX_PENDING={max_pending}) behind runs in flight"
         )
 
-    in_flight = load_partitions_in_flight(context.instance)
+    in_flight = partitions_in_flight(context.instance, load_job.name, TELEMETRY)
     plan = plan_runs(
         cursor.pending,
         found,
