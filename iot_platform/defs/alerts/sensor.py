@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
-from dagster_slack import SlackResource
 
 from iot_platform.alerts import (
     Channel,
@@ -71,14 +70,14 @@ RUN_ENDED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
 
 
 def _not_completed(
-    instance: dg.DagsterInstance, key: dg.AssetCheckKey, run_id: str, at: float
+    run_status: dg.DagsterRunStatus | None, key: dg.AssetCheckKey, run_id: str, at: float
 ) -> Evaluation | None:
     """An ERROR evaluation for a check whose run ended without evaluating it; None while
     the run is still going."""
-    record = instance.get_run_record_by_id(run_id)
-    if record is None or record.dagster_run.status not in RUN_ENDED:
+    if run_status not in RUN_ENDED:
         return None
-    status = record.dagster_run.status.value
+    assert run_status is not None  # RUN_ENDED holds statuses only
+    status = run_status.value
     return Evaluation(
         check=check_name(key),
         status=Status.ERROR,
@@ -94,6 +93,20 @@ def latest_evaluations(instance: dg.DagsterInstance) -> list[Evaluation]:
     ended without evaluating it. Checks still running, and checks never evaluated, are
     left out: they have no status yet."""
     records = instance.event_log_storage.get_latest_asset_check_execution_by_key(list(WATCHED))
+    unevaluated = {
+        record.run_id
+        for record in records.values()
+        if record.event is None or record.event.asset_check_evaluation is None
+    }
+    # One run lookup per tick for all checks left without an evaluation (they share runs).
+    run_status = {
+        run.dagster_run.run_id: run.dagster_run.status
+        for run in (
+            instance.get_run_records(dg.RunsFilter(run_ids=sorted(unevaluated)))
+            if unevaluated
+            else ()
+        )
+    }
     found = []
     for key in WATCHED:
         record = records.get(key)
@@ -102,7 +115,9 @@ def latest_evaluations(instance: dg.DagsterInstance) -> list[Evaluation]:
         entry = record.event
         evaluation = entry.asset_check_evaluation if entry else None
         if entry is None or evaluation is None:
-            failed = _not_completed(instance, key, record.run_id, record.create_timestamp)
+            failed = _not_completed(
+                run_status.get(record.run_id), key, record.run_id, record.create_timestamp
+            )
             if failed is not None:
                 found.append(failed)
             continue
@@ -139,6 +154,8 @@ def configured_channels(settings: AlertSettings) -> list[Channel]:
         )
     slack_token = env_secret("IOT_ALERT_SLACK_TOKEN")
     if slack_token is not None:
+        from dagster_slack import SlackResource  # slack_sdk only when Slack is configured
+
         client = SlackResource(token=slack_token.value).get_client()
         client.base_url = settings.slack_api_url
         client.timeout = int(settings.timeout_s)
@@ -171,7 +188,8 @@ def check_alerts_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     known = _known(context.cursor)
     evaluations = latest_evaluations(context.instance)
     found = transitions(known, evaluations)
-    channels = configured_channels(settings)
+    # Tokens are read and clients built only when there is something to send.
+    channels = configured_channels(settings) if found else []
     delivery = deliver(channels, found)
     for where in delivery.sent:
         context.log.info(f"alert sent: {where}")
