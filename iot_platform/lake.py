@@ -260,6 +260,17 @@ def list_batches(store: ObjectStore, hour: dt.datetime) -> list[ObjectInfo]:
     return out
 
 
+def unheld_batches(
+    store: ObjectStore, hour: dt.datetime
+) -> tuple[Manifest | None, list[ObjectInfo]]:
+    """The hour's manifest and its micro-batches that manifest does not hold (never
+    compacted, or late since). The manifest is read before the listing: a batch deleted
+    after compaction is then in the manifest already, so no batch is missed or doubled."""
+    manifest = read_manifest(store, hour)
+    held = manifest.sources if manifest else {}
+    return manifest, [info for info in list_batches(store, hour) if info.key not in held]
+
+
 def generation_of(keys: Iterable[str]) -> str:
     """Deterministic for a set of micro-batch keys: a re-run writes the same part keys."""
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
@@ -376,9 +387,8 @@ def compact_hour(
             f"{hour + dt.timedelta(hours=1) + lateness:%Y-%m-%d %H:%M} UTC (hour end + "
             f"{lateness.total_seconds():g} s lateness)"
         )
-    previous = read_manifest(store, hour)
+    previous, late = unheld_batches(store, hour)
     held = previous.sources if previous else {}
-    late = [info for info in list_batches(store, hour) if info.key not in held]
     if not late:
         status = "up to date" if previous else "empty"
         return CompactionResult(hour, status, previous, seconds=time.monotonic() - started)
@@ -447,11 +457,9 @@ def hours_needing_compaction(
     hour = hour_start(now - lookback)
     out: dict[dt.datetime, list[str]] = {}
     while hour <= newest:
-        manifest = read_manifest(store, hour)
-        held = manifest.sources if manifest else {}
-        late = [info.key for info in list_batches(store, hour) if info.key not in held]
+        _manifest, late = unheld_batches(store, hour)
         if late:
-            out[hour] = late
+            out[hour] = [info.key for info in late]
         hour += dt.timedelta(hours=1)
     return out
 
@@ -465,13 +473,11 @@ class HourFiles:
 
 
 def hour_files(store: ObjectStore, hour: dt.datetime) -> HourFiles:
-    """The manifest is read before the listing: a batch deleted after compaction is then
-    in the manifest already, and a batch listed but held by the manifest is skipped."""
-    manifest = read_manifest(store, hour)
-    held = manifest.sources if manifest else {}
+    """The manifest's parts plus the batches it does not hold (``unheld_batches``)."""
+    manifest, batches = unheld_batches(store, hour)
     return HourFiles(
         [part.key for part in manifest.parts] if manifest else [],
-        [info.key for info in list_batches(store, hour) if info.key not in held],
+        [info.key for info in batches],
     )
 
 
