@@ -2,11 +2,19 @@
 
 Layout of the certs directory (keys are mode 0600, the CA key is encrypted at rest):
 
-    ca.crt  ca.key  crl.pem  broker.crt  broker.key
+    ca.crt  ca.key  crl.pem  [crl.der]  broker.crt  broker.key
     services/{name}.crt|.key     devices/{device_id}.crt[|.key]
 
 The CRL file is the ledger of revocations: revoking re-signs the existing entries plus
 the new one, and refreshing re-signs the same entries with a new nextUpdate.
+
+With a CRL distribution point (``IOT_CRL_URL``), every leaf certificate names it and
+each re-signing also writes ``crl.der``: the same entries, DER, with an Issuing
+Distribution Point naming that URL — what ``iot-platform crl serve`` answers at the URL
+and EMQX fetches (it enforces a CRL only with that extension). ``crl.pem`` stays without
+it: OpenSSL (Mosquitto's ``crlfile``) refuses a CRL whose distribution point a
+certificate does not name ("different CRL scope"), which would lock out every
+certificate issued before the URL was set.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from iot_platform.files import atomic_write
 CA_COMMON_NAME = "IoT Platform CA"
 MIN_RSA_BITS = 2048
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+CRL_PEM = "crl.pem"  # the broker's crlfile: every revocation, no distribution point
+CRL_DER = "crl.der"  # the same entries for IOT_CRL_URL, with its Issuing Distribution Point
 
 
 class PKIError(Exception):
@@ -81,6 +91,15 @@ def device_paths(certs_dir: Path, device_id: str) -> tuple[Path, Path]:
     return devices / f"{device_id}.crt", devices / f"{device_id}.key"
 
 
+def dp_crl_path(certs_dir: Path) -> Path:
+    """The CRL served at IOT_CRL_URL (``crl.der``); written only while the URL is set."""
+    return certs_dir / CRL_DER
+
+
+def _uri(url: str) -> list[x509.GeneralName]:
+    return [x509.UniformResourceIdentifier(url)]
+
+
 def _new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
@@ -108,13 +127,18 @@ def _check_public_key_strength(public_key: object) -> None:
 
 
 class CertificateAuthority:
-    """The platform CA rooted in ``certs_dir``; the key is loaded with the passphrase."""
+    """The platform CA rooted in ``certs_dir``; the key is loaded with the passphrase.
 
-    def __init__(self, certs_dir: Path, passphrase: str) -> None:
+    ``crl_url`` (``IOT_CRL_URL``, "" for none) is the CRL distribution point every leaf
+    certificate it signs carries, and the one the served ``crl.der`` is scoped to.
+    """
+
+    def __init__(self, certs_dir: Path, passphrase: str, *, crl_url: str = "") -> None:
         if not passphrase:
             raise PKIError("the CA passphrase is empty: set IOT_CA_PASSPHRASE or _FILE")
         self.certs_dir = Path(certs_dir)
         self._passphrase = passphrase.encode()
+        self.crl_url = crl_url
 
     # ---- paths -------------------------------------------------------------
     @property
@@ -127,7 +151,11 @@ class CertificateAuthority:
 
     @property
     def crl_path(self) -> Path:
-        return self.certs_dir / "crl.pem"
+        return self.certs_dir / CRL_PEM
+
+    @property
+    def dp_crl_path(self) -> Path:
+        return dp_crl_path(self.certs_dir)
 
     def service_paths(self, name: str) -> tuple[Path, Path]:
         return (
@@ -241,6 +269,12 @@ class CertificateAuthority:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([_san(host) for host in server_hosts]), critical=False
             )
+        if self.crl_url:
+            # Where a relying party (EMQX) fetches the CRL that can revoke this certificate.
+            point = x509.DistributionPoint(
+                full_name=_uri(self.crl_url), relative_name=None, reasons=None, crl_issuer=None
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         return builder.sign(ca_key, hashes.SHA256())
 
     def _issue_with_new_key(
@@ -332,33 +366,61 @@ class CertificateAuthority:
         revoke_serials: dict[int, x509.ReasonFlags] | None = None,
         days: float = 7,
     ) -> x509.CertificateRevocationList:
-        """Re-sign the CRL: existing entries plus ``revoke_serials``, nextUpdate = now + days."""
+        """Re-sign the CRL: existing entries plus ``revoke_serials``, nextUpdate = now + days.
+
+        Writes ``crl.pem`` and, with a ``crl_url``, ``crl.der`` (the same entries scoped to
+        that distribution point); without one a ``crl.der`` left from before is removed, so
+        the distribution point fails closed rather than serving a CRL that stops changing.
+        """
         ca_cert, ca_key = self.load()
         now = utcnow()
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(ca_cert.subject)
-            .last_update(now - dt.timedelta(minutes=5))
-            .next_update(now + dt.timedelta(days=days))
-        )
+        entries: list[x509.RevokedCertificate] = []
         already: set[int] = set()
         existing = self.load_crl()
         if existing is not None:
             for entry in existing:
-                builder = builder.add_revoked_certificate(entry)
+                entries.append(entry)
                 already.add(entry.serial_number)
         for serial, reason in (revoke_serials or {}).items():
             if serial in already:
                 continue
-            entry = (
+            entries.append(
                 x509.RevokedCertificateBuilder()
                 .serial_number(serial)
                 .revocation_date(now)
                 .add_extension(x509.CRLReason(reason), critical=False)
                 .build()
             )
-            builder = builder.add_revoked_certificate(entry)
-        crl = builder.sign(ca_key, hashes.SHA384())
+
+        def sign(scope: str) -> x509.CertificateRevocationList:
+            builder = (
+                x509.CertificateRevocationListBuilder()
+                .issuer_name(ca_cert.subject)
+                .last_update(now - dt.timedelta(minutes=5))
+                .next_update(now + dt.timedelta(days=days))
+            )
+            for entry in entries:
+                builder = builder.add_revoked_certificate(entry)
+            if scope:  # RFC 5280 §5.2.5: the extension MUST be critical
+                idp = x509.IssuingDistributionPoint(
+                    full_name=_uri(scope),
+                    relative_name=None,
+                    only_contains_user_certs=False,
+                    only_contains_ca_certs=False,
+                    only_some_reasons=None,
+                    indirect_crl=False,
+                    only_contains_attribute_certs=False,
+                )
+                builder = builder.add_extension(idp, critical=True)
+            return builder.sign(ca_key, hashes.SHA384())
+
+        crl = sign("")
+        if self.crl_url:
+            dp_crl = sign(self.crl_url)
+            write_public(self.dp_crl_path, dp_crl.public_bytes(serialization.Encoding.DER))
+        else:
+            self.dp_crl_path.unlink(missing_ok=True)
+        # The ledger last: a failure above leaves it as it was, and re-signing repeats both.
         write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         return crl
 

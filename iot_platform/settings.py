@@ -182,6 +182,31 @@ def warehouse_dialect_setting() -> str:
     return value
 
 
+def crl_url_setting() -> str:
+    """``IOT_CRL_URL``: the CRL distribution point written into every certificate the CA
+    issues, where ``iot-platform crl serve`` answers (EMQX fetches the CRL from it), or ""
+    (unset: no distribution point, as before; Mosquitto reads the CRL file either way)."""
+    url = env_str("IOT_CRL_URL", "")
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise SettingsError(
+            f"IOT_CRL_URL={url!r} must be an http:// or https:// URL with a host, "
+            "e.g. http://iot-crl.iot.svc.cluster.local:8088/crl.der"
+        )
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise SettingsError(
+            f"IOT_CRL_URL={url!r}: no credentials, query or fragment (every certificate "
+            "carries it and every broker fetches it as it is)"
+        )
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise SettingsError(f"IOT_CRL_URL={url!r} has an invalid port") from None
+    return url
+
+
 def ts_max_age_s() -> float:
     """``IOT_TS_MAX_AGE_S``: the oldest device time accepted, and how long a (device_id,
     seq) stays claimed against duplicates."""
@@ -282,6 +307,7 @@ class PlatformSettings:
     broker_max_queued: int
     crl_days: int
     crl_min_remaining_hours: float
+    crl_url: str
     device_cert_days: int
     allow_server_keygen: bool
     pg_host: str
@@ -347,6 +373,7 @@ class PlatformSettings:
             broker_max_queued=env_int("IOT_BROKER_MAX_QUEUED", 1_000_000, minimum=0),
             crl_days=crl_days,
             crl_min_remaining_hours=crl_margin,
+            crl_url=crl_url_setting(),
             device_cert_days=env_int("IOT_DEVICE_CERT_DAYS", 365, minimum=1),
             allow_server_keygen=env_bool("IOT_ALLOW_SERVER_KEYGEN", False),
             pg_host=env_str("IOT_PG_HOST", "127.0.0.1"),

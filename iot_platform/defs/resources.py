@@ -93,11 +93,12 @@ class PKIResource(dg.ConfigurableResource):
     ca_passphrase: str
     crl_days: int = 7
     crl_min_remaining_hours: float = 48
+    crl_url: str = ""  # IOT_CRL_URL: the distribution point in every certificate, "" for none
     device_cert_days: int = 365
     allow_server_keygen: bool = False
 
     def authority(self) -> CertificateAuthority:
-        return CertificateAuthority(Path(self.certs_dir), self.ca_passphrase)
+        return CertificateAuthority(Path(self.certs_dir), self.ca_passphrase, crl_url=self.crl_url)
 
 
 class BrokerControlResource(dg.ConfigurableResource):
@@ -157,6 +158,7 @@ def build_resources() -> dict[str, dg.ConfigurableResource]:
             ca_passphrase=dg.EnvVar("IOT_CA_PASSPHRASE"),
             crl_days=settings.crl_days,
             crl_min_remaining_hours=settings.crl_min_remaining_hours,
+            crl_url=settings.crl_url,
             device_cert_days=settings.device_cert_days,
             allow_server_keygen=settings.allow_server_keygen,
         ),
