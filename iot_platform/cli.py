@@ -58,8 +58,11 @@ def _cmd_broker_config(settings: PlatformSettings, args: argparse.Namespace) -> 
             bind_address=args.bind,
             max_inflight=settings.broker_max_inflight,
             max_queued=settings.broker_max_queued,
+            crl_url=settings.crl_url,
         )
         print(f"wrote {emqx.write()} and {emqx.config_dir / 'acl.conf'}")
+        if not settings.crl_url:
+            print(_emqx_without_crl_warning(), file=sys.stderr)
         return 0
     if not args.data_dir:
         raise SettingsError("--data-dir is required for Mosquitto (its persistence directory)")
@@ -75,6 +78,45 @@ def _cmd_broker_config(settings: PlatformSettings, args: argparse.Namespace) -> 
     )
     print(f"wrote {config.write()} and {config.config_dir / 'acl'}")
     return 0
+
+
+def _cmd_crl_serve(settings: PlatformSettings, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from iot_platform.crl_http import crl_path_of, listen_port, serve_crl
+
+    if not settings.crl_url:
+        raise SettingsError(
+            "IOT_CRL_URL is not set: certificates name no CRL distribution point, so there "
+            "is nothing to serve (README: Settings)"
+        )
+    # The URL's own port unless a Service or proxy in front of this server maps it.
+    port = listen_port(settings.crl_url) if args.port is None else args.port
+    server = serve_crl(settings.certs_dir, crl_path_of(settings.crl_url), args.bind, port)
+    bound = server.server_address[1]
+    print(
+        f"serving {settings.certs_dir / 'crl.der'} at http://{args.bind}:{bound}"
+        f"{crl_path_of(settings.crl_url)} (and /healthz) for IOT_CRL_URL={settings.crl_url}",
+        flush=True,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # PID 1 in a container: no default action
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+def _emqx_without_crl_warning() -> str:
+    return (
+        "WARNING: IOT_CRL_URL is not set, so EMQX cannot check revocation: the platform's "
+        "certificates name no CRL distribution point, and EMQX reads CRLs only from there. "
+        "A revoked device still completes the TLS handshake with EMQX; only the ACL's deny "
+        "rules stop it (once EMQX re-reads acl.conf). Set IOT_CRL_URL, run `iot-platform "
+        "crl serve` there and re-issue the certificates (docs/kubernetes.md, 'EMQX')."
+    )
 
 
 def _cmd_broker_reload(settings: PlatformSettings, args: argparse.Namespace) -> int:
@@ -351,6 +393,19 @@ def build_parser() -> argparse.ArgumentParser:
     reload_cmd = broker.add_parser("reload", help="SIGHUP the broker so it re-reads the CRL")
     reload_cmd.add_argument("--pid-file", help="default: IOT_HOME/mosquitto/data/mosquitto.pid")
     reload_cmd.set_defaults(handler=_cmd_broker_reload)
+
+    crl = commands.add_parser("crl", help="the CRL distribution point").add_subparsers(
+        dest="crl_command", required=True
+    )
+    crl_serve = crl.add_parser(
+        "serve",
+        help="serve crl.der at IOT_CRL_URL's path over HTTP (EMQX fetches it), until SIGTERM",
+    )
+    crl_serve.add_argument("--bind", default="127.0.0.1", help="listen address")
+    crl_serve.add_argument(
+        "--port", type=int, help="listen port (default: IOT_CRL_URL's port, 80 or 443)"
+    )
+    crl_serve.set_defaults(handler=_cmd_crl_serve)
 
     db = commands.add_parser("db", help="the warehouse database").add_subparsers(
         dest="db_command", required=True

@@ -28,6 +28,7 @@ import psycopg
 
 from ingest_daemon.config import DEFAULT_METRICS_PORT
 from iot_platform.broker_control import INGEST_IDENTITY
+from iot_platform.crl_http import listen_port
 from iot_platform.pki import CertificateAuthority, init_pki
 from iot_platform.services.mosquitto import BrokerConfig, MosquittoBroker
 from iot_platform.services.postgres import PostgresServer
@@ -87,7 +88,7 @@ def warehouse_conninfo(settings: PlatformSettings) -> str:
 
 def certificate_authority(settings: PlatformSettings) -> CertificateAuthority:
     passphrase = local_secret(settings, "IOT_CA_PASSPHRASE", "ca_passphrase")
-    return CertificateAuthority(settings.certs_dir, passphrase.value)
+    return CertificateAuthority(settings.certs_dir, passphrase.value, crl_url=settings.crl_url)
 
 
 def broker_config(settings: PlatformSettings) -> BrokerConfig:
@@ -198,6 +199,7 @@ class EmbeddedStack:
             ("IOT_BROKER_PORT", s.broker_host, s.broker_port),
             ("IOT_DAGSTER_PORT", s.dagster_host, s.dagster_port),
             ("INGEST_METRICS_PORT", "127.0.0.1", self.ingest_metrics_port),
+            *((("IOT_CRL_URL", "127.0.0.1", self.crl_port),) if s.crl_url else ()),
         ):
             if port_is_open(host, port):
                 raise ServiceError(
@@ -219,6 +221,8 @@ class EmbeddedStack:
             self.warehouse_dialect = _describe_dialect(conn, dialect)
         log.info("warehouse (%s): %s", dialect.value, ", ".join(applied) or "schema up to date")
         self._supervise("mosquitto", lambda: self.broker.start().process)
+        if self.settings.crl_url:  # Mosquitto reads crl.pem; the URL is for other parties
+            self._supervise("crl", self._start_crl, essential=False)
         self._supervise("ingest", self._start_ingest)
         self._supervise("dagster-webserver", self._start_webserver)
         self._supervise("dagster-daemon", self._start_daemon)
@@ -265,6 +269,18 @@ class EmbeddedStack:
             lambda: _http_ok(f"{self.ingest_url}/healthz"), timeout=60, what="MQTT connected"
         )
         return ingest
+
+    @property
+    def crl_port(self) -> int:
+        return listen_port(self.settings.crl_url)
+
+    def _start_crl(self) -> ChildProcess:
+        """The CRL distribution point (IOT_CRL_URL) on loopback: `iot-platform crl serve`."""
+        argv = [sys.executable, "-m", "iot_platform.cli", "crl", "serve", "--bind", "127.0.0.1"]
+        crl = self._spawn("crl", argv, self._platform_env())
+        health = f"http://127.0.0.1:{self.crl_port}/healthz"
+        crl.wait_until(lambda: _http_ok(health), timeout=30, what="CRL served")
+        return crl
 
     @property
     def ingest_url(self) -> str:
@@ -328,6 +344,11 @@ class EmbeddedStack:
                 f"  Dagster UI   {self.dagster_url}",
                 f"  MQTT (mTLS)  mqtts://{s.broker_host}:{s.broker_port}"
                 f"  (CA {s.certs_dir / 'ca.crt'})",
+                *(
+                    [f"  CRL          {s.crl_url}  (served on 127.0.0.1:{self.crl_port})"]
+                    if s.crl_url
+                    else []
+                ),
                 f"  Ingest       {self.ingest_url}/metrics  (raw batches: "
                 f"{s.local_store_dir if s.object_store == 'local' else s.s3_endpoint})",
                 f"  PostgreSQL   postgresql://{s.pg_user}@{s.pg_host}:{s.pg_port}/{s.pg_database}"

@@ -7,11 +7,15 @@ revoked identities that revocation publishes next to the CRL, the ingest identit
 reads everything (also through ``$share`` groups), the one payload limit and the limits
 sized for the ingest daemons' batched acks.
 
-One difference the deployment must know: EMQX checks certificate revocation only through a
-CRL distribution point URL in each client certificate, which the platform's certificates do
-not carry. Revocation reaches EMQX through the deny rules of its ACL (a revoked identity is
-disconnected on its next publish or subscribe), which it must re-read after a revocation
-(docs/kubernetes.md, "EMQX").
+One difference the deployment must know: EMQX checks certificate revocation only through the
+CRL distribution point URL in each client certificate, never from a file. With
+``IOT_CRL_URL`` set, every certificate the CA issues names it, ``iot-platform crl serve``
+answers there, and the listener checks it (``enable_crl_check``): a revoked certificate's
+handshake is refused once EMQX's cached CRL is refreshed (``crl_cache.refresh_interval``).
+Without it, revocation reaches EMQX only through the deny rules of its ACL (a revoked
+identity is disconnected on its next publish or subscribe), which it must re-read after a
+revocation. The deny rules stay either way: they also cut sessions already open, which a
+CRL check at the handshake does not (docs/kubernetes.md, "EMQX").
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ EMQX_USERNAME = "${username}"
 # and a 65,535-byte topic, a packet id and its properties on top of the payload.
 PACKET_ALLOWANCE = 2 + 65_535 + 2 + 4096
 EMQX_MAX_INFLIGHT = 65_535  # the largest mqtt.max_inflight EMQX accepts
+# How often EMQX re-fetches a cached CRL: the longest a revoked certificate can still
+# complete a handshake. One minute is the least emqx_crl_cache accepts (MIN_REFRESH_PERIOD).
+CRL_REFRESH_INTERVAL = "1m"
+CRL_HTTP_TIMEOUT = "15s"
 
 
 def _quoted(topics: list[str]) -> str:
@@ -81,6 +89,32 @@ class EmqxConfig:
         default_factory=lambda: PlatformSettings.from_env().mqtt_max_payload_bytes
     )
     ingest_user: str = INGEST_IDENTITY
+    crl_url: str = ""  # IOT_CRL_URL: "" leaves revocation to the ACL's deny rules
+
+    def crl_blocks(self) -> tuple[str, str]:
+        """(the listener's CRL check, the crl_cache block), or comments saying why not."""
+        if not self.crl_url:
+            return (
+                "    # No CRL check: IOT_CRL_URL is not set, so the certificates name no CRL\n"
+                "    # distribution point, the only place EMQX reads CRLs from. A revoked\n"
+                "    # device is stopped by the ACL's deny rules alone (acl.conf).",
+                "",
+            )
+        check = (
+            "    # Revocation at the handshake: EMQX fetches the CRL from the distribution\n"
+            f"    # point every certificate names ({self.crl_url}, `iot-platform crl serve`).\n"
+            "    enable_crl_check = true"
+        )
+        cache = (
+            "\n# The fetched CRL is re-fetched this often: a revoked certificate's handshake is\n"
+            "# refused at the latest one refresh_interval after the revocation (the ACL's deny\n"
+            "# rules cut its open sessions before that).\n"
+            "crl_cache {\n"
+            f"  refresh_interval = {CRL_REFRESH_INTERVAL}\n"
+            f"  http_timeout = {CRL_HTTP_TIMEOUT}\n"
+            "}\n"
+        )
+        return check, cache
 
     def render(self) -> tuple[str, str]:
         """Return (emqx.conf, acl.conf) text."""
@@ -94,6 +128,7 @@ class EmqxConfig:
             "max_inflight": min(self.max_inflight, EMQX_MAX_INFLIGHT),
             "max_queued": self.max_queued,
         }
+        values["crl_check"], values["crl_cache"] = self.crl_blocks()
         acl = render_acl(self.ingest_user, read_denied_identities(self.certs_dir))
         return template("emqx.conf.tmpl").substitute(values), acl
 

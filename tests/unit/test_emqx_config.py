@@ -155,3 +155,38 @@ def test_the_cli_renders_it(certs, tmp_path, monkeypatch, capsys):
     assert "{deny, all}." in (out / "acl.conf").read_text()
     assert main(["broker", "config", "--out-dir", str(out)]) == 2, "mosquitto needs --data-dir"
     assert "--data-dir" in capsys.readouterr().err
+
+
+def test_with_a_crl_url_the_listener_checks_revocation(certs, tmp_path):
+    url = "http://iot-crl.iot.svc.cluster.local:8088/crl.pem"
+    write_denied_identities(certs, ["meter-001"])
+    emqx = EmqxConfig(port=8883, certs_dir=certs, config_dir=tmp_path / "emqx", crl_url=url)
+    conf, acl = emqx.render()
+    # Inside the SSL listener's ssl_options, with the peer verified (EMQX needs both).
+    ssl_options = re.search(r"listeners\.ssl\.default \{.*?ssl_options \{(.*?)\n  \}", conf, re.S)
+    assert ssl_options, "no ssl_options block in the SSL listener"
+    assert re.search(r"^\s*enable_crl_check = true$", ssl_options.group(1), re.M)
+    assert re.search(r"^\s*verify = verify_peer$", ssl_options.group(1), re.M)
+    cache = re.search(r"^crl_cache \{\n(.*?)\n\}", conf, re.S | re.M)
+    assert cache, "no top-level crl_cache block"
+    assert re.search(r"^\s*refresh_interval = 1m$", cache.group(1), re.M)
+    assert "${" not in conf and conf.count("{") == conf.count("}")
+    assert not allowed(acl, "meter-001", "publish", "iot/meter-001/telemetry"), (
+        "the ACL's deny rules stay: they also cut sessions opened before the revocation"
+    )
+
+
+def test_without_a_crl_url_there_is_no_crl_check_and_the_cli_says_so(
+    certs, tmp_path, monkeypatch, capsys
+):
+    conf, _acl = render(certs, tmp_path)
+    assert "enable_crl_check" not in conf
+    assert not re.search(r"^crl_cache", conf, re.M)
+    monkeypatch.setenv("IOT_CERTS_DIR", str(certs))
+    monkeypatch.delenv("IOT_CRL_URL", raising=False)
+    assert main(["broker", "config", "--broker", "emqx", "--out-dir", str(tmp_path / "o")]) == 0
+    assert "WARNING: IOT_CRL_URL is not set" in capsys.readouterr().err
+    monkeypatch.setenv("IOT_CRL_URL", "http://crl.example:8088/crl.pem")
+    assert main(["broker", "config", "--broker", "emqx", "--out-dir", str(tmp_path / "o")]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    assert "enable_crl_check = true" in (tmp_path / "o" / "emqx.conf").read_text()
