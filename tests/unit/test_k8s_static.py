@@ -701,6 +701,49 @@ def test_the_pki_one_shot_gets_what_pki_init_needs(
     assert settings.broker_service_name != settings.broker_host, "devices dial a public name"
 
 
+def test_the_crl_distribution_point_is_where_the_certificates_say(
+    objects, settings_map, tmp_path, monkeypatch
+):
+    """IOT_CRL_URL (in every certificate) resolves to the iot-crl Service in this namespace,
+    on the port the crl pods listen on, and they serve the CRL the revoke runs write."""
+    from urllib.parse import urlsplit
+
+    from iot_platform.crl_http import crl_path_of
+
+    url = urlsplit(settings_map["IOT_CRL_URL"])
+    service = the(objects, "Service", "iot-crl")
+    namespace = kustomization(BASE)["namespace"]
+    assert url.scheme == "http", "EMQX's CRL cache takes http distribution points only"
+    assert url.hostname == f"iot-crl.{namespace}.svc.cluster.local"
+    assert url.path.endswith(".pem"), "EMQX's cache refresh parses PEM only"
+    (port,) = service["spec"]["ports"]
+    assert port["port"] == url.port
+    deployment = the(objects, "Deployment", "iot-crl")
+    spec = pod_spec(deployment)
+    assert service["spec"]["selector"].items() <= spec_labels(deployment).items()
+    (container,) = spec["containers"]
+    (container_port,) = container["ports"]
+    assert port["targetPort"] in (container_port["name"], container_port["containerPort"])
+    argv = container["command"]
+    assert argv[:3] == ["iot-platform", "crl", "serve"]
+    assert argv[argv.index("--port") + 1] == str(container_port["containerPort"])
+    assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    assert crl_path_of(settings_map["IOT_CRL_URL"]) != "/healthz"
+    env = container_env(container, {"iot-platform-settings": settings_map}, "iot-crl")
+    mounts = {PurePosixPath(m["mountPath"]): m for m in container["volumeMounts"]}
+    certs = mounts[PurePosixPath(env["IOT_CERTS_DIR"])]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[certs["name"]]["persistentVolumeClaim"]["claimName"] == "iot-certs"
+    assert certs.get("readOnly"), "it only reads the CRL"
+    assert not any("PASSPHRASE" in name for name in env), "it never needs the CA key"
+    settings_under(env, tmp_path, monkeypatch)
+    assert PlatformSettings.from_env().crl_url == settings_map["IOT_CRL_URL"]
+
+
+def spec_labels(obj: Mapping[str, Any]) -> dict[str, str]:
+    return obj["spec"]["template"]["metadata"]["labels"]
+
+
 # ---- only operators reach the UI -------------------------------------------------------------
 
 
