@@ -124,6 +124,25 @@ def known_devices(conn: psycopg.Connection) -> set[str]:
     return {row[0] for row in conn.execute("SELECT device_id FROM devices")}
 
 
+def ledger_etags(conn: psycopg.Connection, keys: list[str]) -> dict[str, str | None]:
+    """object key -> etag of its last load, for the keys the ledger holds (a committed
+    ledger row is a committed load: the row is written in the load's transaction)."""
+    if not keys:
+        return {}
+    return dict(
+        conn.execute(
+            "SELECT object_key, etag FROM ingest_batches WHERE object_key = ANY(%s)", [keys]
+        ).fetchall()
+    )
+
+
+def not_yet_loaded(conn: psycopg.Connection, infos: list[ObjectInfo]) -> list[ObjectInfo]:
+    """The objects the ledger holds no load of in their current version (same key and
+    etag): what the live path still has to load. A backfill reloads everything instead."""
+    done = ledger_etags(conn, [info.key for info in infos])
+    return [info for info in infos if info.key not in done or done[info.key] != info.etag]
+
+
 @dataclass(frozen=True)
 class DecodedBatch:
     info: ObjectInfo

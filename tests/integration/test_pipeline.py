@@ -4,6 +4,7 @@ backfill, rollups — materialised through Dagster with a real (temporary) insta
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 
 import dagster as dg
@@ -313,3 +314,74 @@ def test_an_out_of_range_device_never_holds_back_the_rollups(resources, tmp_path
     with resources["warehouse"].connect() as conn:
         devices_1d = {row[0] for row in conn.execute("SELECT DISTINCT device_id FROM telemetry_1d")}
     assert devices_1d == {*DEVICES[:2], DEVICES[3]}
+
+
+def test_a_following_run_loads_batches_that_land_after_its_manifest(resources, tmp_path):
+    """The live path's run keeps loading its hour's new batches (``follow_s``); the sensor
+    then drops those keys from its cursor instead of requesting another run for them; a
+    manifest of loaded batches loads nothing again."""
+    store = resources["object_store"].store()
+    now = dt.datetime.now(dt.UTC)
+    if now.minute == 59 and now.second > 30:  # the run must not reach the end of its hour
+        time.sleep(61 - now.second)
+        now = dt.datetime.now(dt.UTC)
+
+    def put(n: int) -> str:
+        at = now + dt.timedelta(milliseconds=n)
+        return put_batch(store, telemetry_messages(DEVICES[:2], at, 2), seq=300 + n).key
+
+    first = put(0)
+    partition = BatchKey.parse(first).partition_key
+    job = dg.Definitions(assets=ASSETS, jobs=[load_job], resources=resources).resolve_job_def(
+        load_job.name
+    )
+    results: list[dg.ExecuteInProcessResult] = []
+
+    def run(keys: list[str], follow_s: float) -> None:
+        config = {"batch_keys": keys, "follow_s": follow_s}
+        results.append(
+            job.execute_in_process(
+                partition_key=partition,
+                run_config={"ops": {"load_raw_batches": {"config": config}}},
+                instance=instance,
+            )
+        )
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        follower = threading.Thread(target=run, args=([first], 8.0))
+        follower.start()
+        time.sleep(3)
+        later = [put(1), put(2)]
+        follower.join(timeout=60)
+        (followed,) = results
+        assert followed.success
+        metadata = followed.asset_materializations_for_node("load_raw_batches")[0].metadata
+        assert metadata["batches"].value == 3
+        assert "IOT_LOAD_FOLLOW_S" in metadata["follow_ended"].value
+        with resources["warehouse"].connect() as conn:
+            ledger = dict(
+                conn.execute(
+                    "SELECT object_key, dagster_run_id FROM ingest_batches"
+                    " WHERE object_key = ANY(%s)",
+                    [[first, *later]],
+                ).fetchall()
+            )
+        assert ledger == dict.fromkeys([first, *later], followed.run_id)
+
+        # The sensor had seen the later keys while the run was in flight: it drops them.
+        cursor = Cursor(last_key=later[-1], recent=[first, *later], pending={partition: later})
+        tick = raw_batch_sensor(
+            dg.build_sensor_context(resources=resources, cursor=cursor.dumps(), instance=instance)
+        )
+        assert not tick.run_requests
+        assert Cursor.loads(tick.cursor).pending == {}
+        assert "2 batches already loaded" in tick.skip_reason.skip_message
+
+        run([first, *later], 0)  # a manifest of loaded batches: nothing to do
+        assert (
+            results[-1]
+            .asset_materializations_for_node("load_raw_batches")[0]
+            .metadata["batches"]
+            .value
+            == 0
+        )

@@ -1,8 +1,10 @@
 """Raw batches (external) -> ``telemetry`` + ``device_events``, one hourly partition per run.
 
-A run given a manifest (``batch_keys``, written by the sensor) loads exactly those
-batches — the live path. A run without one loads every batch under its receive hour —
-a backfill from the UI. Both are idempotent through the ``ingest_batches`` ledger.
+A run given a manifest (``batch_keys``, written by the sensor) loads those of its batches
+the ledger does not hold yet — the live path — and then, when the sensor asks it to
+(``follow_s``), keeps loading the hour's new batches as they land (``warehouse/follow.py``).
+A run without a manifest reloads every batch under its receive hour — a backfill from the
+UI, say after a decoder fix. Both are idempotent through the ``ingest_batches`` ledger.
 
 (No ``from __future__ import annotations`` in Dagster definition modules: Dagster reads
 the Config and resource annotations at import time.)
@@ -11,6 +13,7 @@ the Config and resource annotations at import time.)
 import datetime as dt
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import dagster as dg
 from pydantic import Field
@@ -20,10 +23,31 @@ from iot_platform.defs.keys import DEVICE_EVENTS, RAW_BATCHES, TELEMETRY
 from iot_platform.defs.partitions import hourly_partitions, partition_start
 from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.defs.warehouse.retry import LOAD_RETRY
-from iot_platform.objectstore import ObjectNotFound
+from iot_platform.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError
 from iot_platform.rawbatch import hour_prefix
+from iot_platform.services.process import PROGRESS_EVERY_S
 from iot_platform.settings import PlatformSettings
-from iot_platform.warehouse.load import BatchLoad, known_devices, load_objects, load_parameters
+from iot_platform.warehouse.follow import POLL_S, FollowWindow, HourListing
+from iot_platform.warehouse.load import (
+    BatchLoad,
+    known_devices,
+    load_objects,
+    load_parameters,
+    not_yet_loaded,
+)
+
+# How often a following run asks whether a run for its hour (a backfill) waits behind it.
+QUEUE_CHECK_S = 5.0
+
+
+def _run_waits_for(instance: dg.DagsterInstance, partition: str) -> bool:
+    """A queued run of the same hour (a backfill, a manual run) waits for this one: the
+    run coordinator allows one per hour."""
+    waiting = instance.get_run_records(
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED], tags={"dagster/partition": partition}),
+        limit=1,
+    )
+    return bool(waiting)
 
 
 class LoadConfig(dg.Config):
@@ -34,6 +58,12 @@ class LoadConfig(dg.Config):
     max_payload_bytes: int = Field(
         default=DEFAULT_MAX_PAYLOAD_BYTES,
         description="Payloads larger than this are rejected as oversized (not parsed).",
+    )
+    follow_s: float = Field(
+        default=0,
+        ge=0,
+        description="After the manifest, keep loading the hour's new batches as they land "
+        "for up to this many seconds (the sensor sets IOT_LOAD_FOLLOW_S). 0: manifest only.",
     )
 
 
@@ -94,24 +124,44 @@ def load_raw_batches(
         age=dt.timedelta(seconds=settings.ts_max_age_s),
     )
     loads: list[BatchLoad] = []
+    follow_ended = "-"
     with warehouse.connect() as conn:
-        parameters = load_parameters(conn)
-        devices = known_devices(conn)
-        conn.commit()  # end the read, so each batch below is a transaction of its own
-        batches = load_objects(
-            conn,
-            store,
-            infos,
-            run_id=context.run.run_id,
-            parameters=parameters,
-            devices=devices,
-            max_payload_bytes=config.max_payload_bytes,
-            ts_window=ts_window,
-        )
-        for n, (_decoded, load, _seconds) in enumerate(batches, 1):
-            loads.append(load)
-            if n % 25 == 0 or n == len(infos):
-                context.log.info(f"loaded {n}/{len(infos)} batches")
+        progress = {"next_note": time.monotonic() + PROGRESS_EVERY_S}
+
+        def load_batches(batch_infos: list[ObjectInfo]) -> None:
+            # Read afresh for every call: a following run lasts minutes, and a device
+            # enrolled meanwhile must not be rejected as unknown.
+            parameters = load_parameters(conn)
+            devices = known_devices(conn)
+            conn.commit()  # end the read, so each batch below is a transaction of its own
+            batches = load_objects(
+                conn,
+                store,
+                batch_infos,
+                run_id=context.run.run_id,
+                parameters=parameters,
+                devices=devices,
+                max_payload_bytes=config.max_payload_bytes,
+                ts_window=ts_window,
+            )
+            for _decoded, batch, _seconds in batches:
+                loads.append(batch)
+                # Every event is a write to Dagster's storage: progress every 10 s, not per
+                # batch (a following run loads one or more every second).
+                if time.monotonic() >= progress["next_note"]:
+                    progress["next_note"] = time.monotonic() + PROGRESS_EVERY_S
+                    context.log.info(f"{len(loads)} batches loaded so far")
+
+        if config.batch_keys:
+            todo = not_yet_loaded(conn, infos)
+            conn.commit()
+            if len(todo) < len(infos):
+                context.log.info(f"{len(infos) - len(todo)} manifest batches were loaded already")
+            infos = todo
+        load_batches(infos)
+        if config.follow_s > 0:
+            follow_ended = _follow(context, config.follow_s, store, config.batch_keys, load_batches)
+        context.log.info(f"{len(loads)} batches loaded")
 
     rejects: Counter[str] = Counter()
     for load in loads:
@@ -121,6 +171,7 @@ def load_raw_batches(
         "batches": len(loads),
         "reloaded_batches": sum(load.reloaded for load in loads),
         "mode": mode,
+        "follow_ended": follow_ended,
         "duration_s": round(time.monotonic() - started, 3),
         "ts_min": str(min(times)) if times else "-",
         "ts_max": str(max(times)) if times else "-",
@@ -140,3 +191,41 @@ def load_raw_batches(
         asset_key=DEVICE_EVENTS,
         metadata={**common, "rows_loaded": sum(load.event_rows for load in loads)},
     )
+
+
+def _follow(
+    context: dg.AssetExecutionContext,
+    follow_s: float,
+    store: ObjectStore,
+    manifest: list[str],
+    load: Callable[[list[ObjectInfo]], None],
+) -> str:
+    """Load the hour's new batches as they land; returns why it stopped."""
+    now = time.monotonic()
+    window = FollowWindow(
+        deadline=now + follow_s,
+        hour_end=partition_start(context.partition_key) + dt.timedelta(hours=1),
+        last_new=now,
+    )
+    listing = HourListing(store, partition_start(context.partition_key))
+    listing.mark_seen(manifest)
+    context.log.info(f"following partition {context.partition_key} for up to {follow_s:g} s")
+    next_queue_check = now + QUEUE_CHECK_S
+    while True:
+        time.sleep(POLL_S)
+        try:
+            fresh = listing.new_batches()
+        except ObjectStoreError as exc:
+            context.log.warning(f"listing failed, trying again: {exc}")
+            fresh = []
+        if fresh:
+            load(fresh)
+        now = time.monotonic()
+        reason = window.stop_reason(now, dt.datetime.now(dt.UTC), bool(fresh))
+        if reason is None and now >= next_queue_check:
+            next_queue_check = now + QUEUE_CHECK_S
+            if _run_waits_for(context.instance, context.partition_key):
+                reason = "a queued run of this hour (a backfill or manual run) goes first"
+        if reason is not None:
+            context.log.info(f"stopped following: {reason}")
+            return reason

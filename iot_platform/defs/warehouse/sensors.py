@@ -4,7 +4,11 @@ Each tick lists new batch keys (``iot_platform.discovery``) and requests a run f
 hour that has no load run queued or running, with all of that hour's pending keys (up to
 ``IOT_SENSOR_MAX_KEYS``) as the manifest. Keys of an hour whose run is still in flight
 wait in the cursor for the next run, so a slow machine gets bigger runs, not a longer run
-queue. A run that fails is retried by Dagster (``dagster/max_retries`` on the job); one
+queue. The run, once its manifest is loaded, follows its hour for up to
+``IOT_LOAD_FOLLOW_S`` (``warehouse/follow.py``) and loads most of those waiting keys
+itself; each tick drops from the cursor the keys the ledger already holds.
+
+A run that fails is retried by Dagster (``dagster/max_retries`` on the job); one
 that fails for good leaves its batches unloaded and visible in the UI, and a backfill of
 its hour loads them (the ledger makes that idempotent).
 """
@@ -13,14 +17,16 @@ import datetime as dt
 import hashlib
 
 import dagster as dg
+import psycopg
 
 from iot_platform.defs.keys import RAW_BATCHES, TELEMETRY
 from iot_platform.defs.partitions import partitions_in_flight
-from iot_platform.defs.resources import ObjectStoreResource
+from iot_platform.defs.resources import ObjectStoreResource, WarehouseResource
 from iot_platform.defs.warehouse.jobs import load_job
 from iot_platform.discovery import Cursor, Discovery, discover, plan_runs
 from iot_platform.objectstore import ObjectStoreError
 from iot_platform.settings import env_float, env_int
+from iot_platform.warehouse.load import ledger_etags
 
 # The Dagster daemon's sensor loop runs every 5 s and evaluates a sensor whose interval has
 # passed. An interval of exactly 5 s missed every other loop by milliseconds (ticks were 5
@@ -38,6 +44,22 @@ def _discover(object_store: ObjectStoreResource, cursor: Cursor, room: int) -> D
     )
 
 
+def _without(keys_by_hour: dict[str, list[str]], loaded: set[str]) -> dict[str, list[str]]:
+    kept = {hour: [k for k in keys if k not in loaded] for hour, keys in keys_by_hour.items()}
+    return {hour: keys for hour, keys in kept.items() if keys}
+
+
+def _drop_loaded(
+    warehouse: WarehouseResource, pending: dict[str, list[str]], found: dict[str, list[str]]
+) -> tuple[dict[str, list[str]], dict[str, list[str]], int]:
+    """``pending`` and ``found`` without the keys the ledger holds (a following run loaded
+    them), and how many were dropped."""
+    keys = [key for hours in (pending, found) for keys in hours.values() for key in keys]
+    with warehouse.connect() as conn:
+        loaded = set(ledger_etags(conn, keys))
+    return _without(pending, loaded), _without(found, loaded), len(loaded)
+
+
 @dg.sensor(
     name="raw_batch_sensor",
     job=load_job,
@@ -47,7 +69,11 @@ def _discover(object_store: ObjectStoreResource, cursor: Cursor, room: int) -> D
     "requests a load run for each receive hour that has none in flight, with all the hour's "
     "pending batch keys as its manifest; keys of busy hours wait for the next run.",
 )
-def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectStoreResource):
+def raw_batch_sensor(
+    context: dg.SensorEvaluationContext,
+    object_store: ObjectStoreResource,
+    warehouse: WarehouseResource,
+):
     cursor = Cursor.loads(context.cursor)
     max_pending = env_int("IOT_SENSOR_MAX_PENDING", 20_000, minimum=1)
     room = max_pending - cursor.pending_count
@@ -76,6 +102,15 @@ def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectSt
             f"(IOT_SENSOR_MAX_PENDING={max_pending}) behind runs in flight"
         )
 
+    if cursor.pending or found:
+        try:
+            cursor.pending, found, dropped = _drop_loaded(warehouse, cursor.pending, found)
+        except psycopg.Error as exc:
+            notes.append(f"warehouse unavailable, keys kept pending: {exc}")
+        else:
+            if dropped:
+                notes.append(f"{dropped} batches already loaded by a following run")
+
     in_flight = partitions_in_flight(context.instance, load_job.name, TELEMETRY)
     plan = plan_runs(
         cursor.pending,
@@ -89,6 +124,7 @@ def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectSt
             f"{plan.waiting_count} batches of {sorted(plan.waiting)} wait for the hour's run "
             "in flight; they go into its next run"
         )
+    follow_s = env_float("IOT_LOAD_FOLLOW_S", 300, minimum=0)
     requests = []
     observations = []
     for partition, keys in plan.runs.items():
@@ -97,7 +133,11 @@ def raw_batch_sensor(context: dg.SensorEvaluationContext, object_store: ObjectSt
             dg.RunRequest(
                 run_key=f"{partition}:{digest}",
                 partition_key=partition,
-                run_config={"ops": {"load_raw_batches": {"config": {"batch_keys": keys}}}},
+                run_config={
+                    "ops": {
+                        "load_raw_batches": {"config": {"batch_keys": keys, "follow_s": follow_s}}
+                    }
+                },
                 tags={"iot/batches": str(len(keys))},
             )
         )
