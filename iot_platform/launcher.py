@@ -177,36 +177,27 @@ class JobLauncher:
 
     def __init__(
         self,
-        host: str,
-        port: int,
+        base_url: str,
         *,
         timeout_s: float = 300,
-        https: bool = False,
-        path_prefix: str = "",
         auth_header: Secret | None = None,
     ) -> None:
-        if auth_header is not None and not https and host not in LOOPBACK:
+        # Kept whole, never split and rebuilt: an IPv6 literal (http://[::1]:3000) or a
+        # path prefix behind a proxy survive as the operator wrote them.
+        url = urlsplit(base_url)
+        if auth_header is not None and url.scheme != "https" and url.hostname not in LOOPBACK:
             raise LaunchError(
-                f"refusing to send IOT_DAGSTER_AUTH_HEADER to {host} over plain http: "
+                f"refusing to send IOT_DAGSTER_AUTH_HEADER to {url.hostname} over plain http: "
                 "use an https IOT_DAGSTER_URL"
             )
-        self.base_url = f"{'https' if https else 'http'}://{host}:{port}{path_prefix}"
+        self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._headers = {"Authorization": auth_header.value} if auth_header else {}
 
     @classmethod
     def from_settings(cls, settings: PlatformSettings, *, timeout_s: float = 300) -> JobLauncher:
         """The webserver at IOT_DAGSTER_URL, with the proxy's IOT_DAGSTER_AUTH_HEADER."""
-        url = urlsplit(settings.dagster_url)
-        https = url.scheme == "https"
-        return cls(
-            url.hostname or "",
-            url.port or (443 if https else 80),
-            timeout_s=timeout_s,
-            https=https,
-            path_prefix=url.path.rstrip("/"),
-            auth_header=dagster_auth_header(),
-        )
+        return cls(settings.dagster_url, timeout_s=timeout_s, auth_header=dagster_auth_header())
 
     def run(
         self,

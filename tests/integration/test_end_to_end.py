@@ -87,7 +87,7 @@ def _health(conn: psycopg.Connection, since, device_ids: list[str]) -> dict[str,
 def test_devices_to_marts_with_every_fault_flagged(stack):
     _stack, env, summary = stack
     assert "Simulator    4 devices" in summary
-    launcher = JobLauncher("127.0.0.1", int(env["IOT_DAGSTER_PORT"]), timeout_s=300)
+    launcher = JobLauncher(f"http://127.0.0.1:{env['IOT_DAGSTER_PORT']}", timeout_s=300)
     with urllib.request.urlopen(launcher.base_url, timeout=10) as response:
         assert response.status == 200  # the Dagster UI answers
 

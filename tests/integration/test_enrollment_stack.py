@@ -35,7 +35,7 @@ class Platform:
         self.env = env
         self.ca = stack_ca(env)
         self.warehouse = stack_warehouse(env)
-        self.launcher = JobLauncher("127.0.0.1", int(env["IOT_DAGSTER_PORT"]), timeout_s=180)
+        self.launcher = JobLauncher(f"http://127.0.0.1:{env['IOT_DAGSTER_PORT']}", timeout_s=180)
         self.port = int(env["IOT_BROKER_PORT"])
 
     def enroll(self, **config) -> RunOutcome:

@@ -201,8 +201,11 @@ def test_the_cli_client_launches_through_the_proxy_with_its_credentials(
 
 def test_credentials_never_travel_in_clear_text_off_loopback():
     with pytest.raises(LaunchError, match="plain http"):
-        JobLauncher("dagster.example.internal", 80, auth_header=Secret("Bearer abc"))
+        JobLauncher("http://dagster.example.internal", auth_header=Secret("Bearer abc"))
     launcher = JobLauncher(
-        "dagster.example.internal", 443, https=True, auth_header=Secret("Bearer abc")
+        "https://dagster.example.internal:443/", auth_header=Secret("Bearer abc")
     )
     assert launcher.base_url == "https://dagster.example.internal:443"
+    # Loopback may stay plain http, IPv6 literal included, and the URL is kept as written.
+    ipv6 = JobLauncher("http://[::1]:3000/dagster", auth_header=Secret("Bearer abc"))
+    assert ipv6.base_url == "http://[::1]:3000/dagster"
