@@ -158,6 +158,8 @@ class WebhookChannel:
         headers = {"Content-Type": "application/json", "User-Agent": "iot-platform-alerts"}
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token.value}"
+        # urllib, not requests: urllib3 logs each request's path at DEBUG, and a webhook
+        # URL (Slack's, most chat tools') is a secret (tests/integration/test_alerts.py).
         request = urllib.request.Request(  # noqa: S310 - scheme checked in AlertSettings
             self.url, data=json.dumps(payload(transition)).encode(), headers=headers
         )

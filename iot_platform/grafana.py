@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import base64
 import json
-import urllib.error
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+import requests
 import yaml  # type: ignore[import-untyped]  # PyYAML (a dependency of dagster) ships no stubs
 
 from iot_platform.settings import PROJECT_ROOT, Secret, SettingsError
@@ -52,26 +51,26 @@ class Grafana:
             return "Basic " + base64.b64encode(pair).decode()
         raise SettingsError("set IOT_GRAFANA_TOKEN, or IOT_GRAFANA_USER and IOT_GRAFANA_PASSWORD")
 
-    def call(self, method: str, path: str, body: object | None = None) -> tuple[int, Any]:
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         """(status, JSON answer); 4xx answers are returned, other failures raise."""
-        request = urllib.request.Request(  # noqa: S310 - URL scheme checked in import_all
-            self.url.rstrip("/") + path,
-            data=None if body is None else json.dumps(body).encode(),
-            method=method,
-            headers={"Authorization": self._auth(), "Content-Type": "application/json"},
-        )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:  # noqa: S310
-                return answer.status, json.loads(answer.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")[:300]
-            if 400 <= exc.code < 500 and exc.code not in (401, 403):
-                return exc.code, json.loads(detail) if detail.startswith("{") else detail
-            raise GrafanaError(f"{method} {path}: HTTP {exc.code} {detail}") from None
-        except (urllib.error.URLError, OSError) as exc:
+            answer = requests.request(
+                method,
+                self.url.rstrip("/") + path,
+                json=body,
+                headers={"Authorization": self._auth()},
+                timeout=self.timeout_s,
+            )
+        except requests.RequestException as exc:
             raise GrafanaError(
                 f"{method} {path}: Grafana at {self.url} unreachable: {exc}"
             ) from None
+        if answer.ok or (400 <= answer.status_code < 500 and answer.status_code not in (401, 403)):
+            try:
+                return answer.status_code, answer.json() if answer.content else None
+            except ValueError:
+                return answer.status_code, answer.text[:300]
+        raise GrafanaError(f"{method} {path}: HTTP {answer.status_code} {answer.text[:300]}")
 
 
 @dataclass(frozen=True)
