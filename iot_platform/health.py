@@ -2,8 +2,9 @@
 
 Each rule returns the failing devices with numbers a person can act on. ``evaluate``
 writes one ``device_health`` row per registered device and device rule (ok / warn /
-error), so the history is queryable even for devices that never fail, and keeps that
-history to its retention. A platform rule (``pipeline_lag``) reports the platform itself.
+error), so the history is queryable even for devices that never fail; the warehouse
+retention job keeps that history to IOT_HEALTH_RETENTION_DAYS like every other table's
+(``warehouse/retention.py``). A platform rule (``pipeline_lag``) reports the platform itself.
 Which clock each rule measures against is part of its definition (README, Device health):
 silence is judged against the newest receive time loaded, never the wall clock, so a
 lagging pipeline shows as ``pipeline_lag``, not as every device falling silent.
@@ -20,8 +21,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.types.json import Jsonb
 
-from iot_platform.settings import SettingsError, env_float, env_str, health_retention_days
-from iot_platform.warehouse.retention import delete_oldest
+from iot_platform.settings import SettingsError, env_float, env_str
 
 Bounds = dict[str, tuple[float, float]]  # metric -> (min, max)
 
@@ -46,7 +46,6 @@ DEVICE_TYPE_BOUNDS: dict[str, Bounds] = {
 }
 BOUNDS_METADATA_KEY = "health_bounds"  # per-device override in devices.metadata
 PLATFORM = "(platform)"  # the subject of platform-wide rules; never a valid device id
-HISTORY_PRUNE_BATCH = 50_000  # device_health rows deleted per evaluation at most
 
 
 def _pair(value: object, where: str) -> tuple[float, float]:
@@ -123,7 +122,6 @@ class HealthSettings:
     reject_rate: float
     bounds: HealthBounds
     pipeline_lag: dt.timedelta
-    retention: dt.timedelta  # of device_health history
     cert_expiry: dt.timedelta = dt.timedelta(days=30)
 
     @classmethod
@@ -140,7 +138,6 @@ class HealthSettings:
             pipeline_lag=dt.timedelta(
                 seconds=env_float("IOT_HEALTH_PIPELINE_LAG_S", 120, minimum=1)
             ),
-            retention=dt.timedelta(days=health_retention_days()),
         )
 
 
@@ -453,9 +450,7 @@ RULES: tuple[Rule, ...] = (
 def evaluate(
     conn: psycopg.Connection, rule: Rule, settings: HealthSettings, now: dt.datetime | None = None
 ) -> RuleResult:
-    """Run one rule; for a device rule, record its outcome for every registered device, and
-    drop ``device_health`` history older than the retention (a bounded batch per call, so a
-    large backlog is removed over a few evaluations, never in one long transaction)."""
+    """Run one rule; for a device rule, record its outcome for every registered device."""
     now = now or dt.datetime.now(dt.UTC)
     failing = dict(rule.query(conn, settings, now))
     if rule.scope == "platform":
@@ -470,10 +465,4 @@ def evaluate(
                FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS u(d, s, x)""",
             [now, rule.name, devices, statuses, details],
         )
-        prune_history(conn, now - settings.retention)
     return RuleResult(rule.name, rule.severity, failing, len(devices))
-
-
-def prune_history(conn: psycopg.Connection, before: dt.datetime) -> int:
-    """Delete at most HISTORY_PRUNE_BATCH ``device_health`` rows checked before ``before``."""
-    return delete_oldest(conn, "device_health", "checked_at", before, HISTORY_PRUNE_BATCH)

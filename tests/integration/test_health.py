@@ -16,7 +16,6 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from iot_platform import health
 from iot_platform.defs.health.checks import device_health_checks
 from iot_platform.defs.resources import ObjectStoreResource
 from iot_platform.health import PLATFORM, RULES, HealthSettings, evaluate
@@ -376,42 +375,6 @@ def test_silence_is_judged_against_what_was_received_and_lag_is_its_own_finding(
         _load(conn, store, telemetry_messages(busy, now - dt.timedelta(seconds=30), 3), seq=2)
         assert not evaluate(conn, RULE["pipeline_lag"], settings, now).failing
         assert set(evaluate(conn, RULE["silent_devices"], settings, now).failing) == {"lag-quiet"}
-
-
-# ---- device_health retention -----------------------------------------------------------
-
-
-def test_health_history_is_pruned_in_bounded_batches(postgres_db, monkeypatch):
-    monkeypatch.setenv("IOT_HEALTH_RETENTION_DAYS", "7")
-    monkeypatch.setattr(health, "HISTORY_PRUNE_BATCH", 3)
-    warehouse = _warehouse(postgres_db)
-    now = dt.datetime.now(dt.UTC)
-    settings = HealthSettings.from_env()
-    assert settings.retention == dt.timedelta(days=7)
-    with warehouse.connect() as conn:
-        conn.execute("INSERT INTO devices (device_id) VALUES ('kept')")
-        conn.execute(
-            """INSERT INTO device_health (checked_at, device_id, check_name, status)
-               SELECT %s - make_interval(days => d), 'kept', 'clock_skew', 'ok'
-               FROM unnest(ARRAY[8, 8, 9, 9, 30, 6, 1]) AS d""",
-            [now],
-        )
-        conn.commit()
-
-        def ages() -> list[int]:
-            return [
-                r[0]
-                for r in conn.execute(
-                    "SELECT round(extract(epoch FROM %s - checked_at) / 86400)::int"
-                    " FROM device_health ORDER BY 1",
-                    [now],
-                )
-            ]
-
-        evaluate(conn, RULE["clock_skew"], settings, now)
-        assert len(ages()) == 7 + 1 - 3  # one batch of 3 of the 5 expired rows
-        evaluate(conn, RULE["clock_skew"], settings, now)
-        assert ages() == [0, 0, 1, 6]  # the two evaluations' rows and the unexpired ones
 
 
 # ---- retained replays (item 4) ---------------------------------------------------------
