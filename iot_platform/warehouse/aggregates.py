@@ -122,3 +122,39 @@ def refresh(
             params,
         )
     return lo, hi
+
+
+def unrefreshed_window(
+    conn: psycopg.Connection, run_id: str
+) -> tuple[dt.datetime, dt.datetime, list[int]] | None:
+    """(from, to, batch ids) of the batches run ``run_id`` loaded whose rollups nobody has
+    refreshed since; None when there are none."""
+    rows = conn.execute(
+        """SELECT batch_id, refresh_from, refresh_to FROM ingest_batches
+           WHERE dagster_run_id = %s AND rollups_refreshed_at IS NULL""",
+        [run_id],
+    ).fetchall()
+    spans = [(lo, hi) for _id, lo, hi in rows if lo is not None]
+    if not spans:
+        return None
+    return min(lo for lo, _ in spans), max(hi for _, hi in spans), [row[0] for row in rows]
+
+
+def refresh_loaded(conn: psycopg.Connection, dialect: Dialect, run_id: str) -> int:
+    """Refresh all rollups over what run ``run_id`` loaded since the last call, and mark
+    those batches refreshed; returns how many. ``conn`` in autocommit mode.
+
+    Batches that commit while this runs are not marked: their rows may have missed the
+    snapshot, so the next call (or the rollup steps at the end of the run) covers them.
+    """
+    window = unrefreshed_window(conn, run_id)
+    if window is None:
+        return 0
+    start, end, batch_ids = window
+    for name in ROLLUPS:
+        refresh(conn, dialect, name, start, end)
+    conn.execute(
+        "UPDATE ingest_batches SET rollups_refreshed_at = now() WHERE batch_id = ANY(%s)",
+        [batch_ids],
+    )
+    return len(batch_ids)

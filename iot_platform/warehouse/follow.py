@@ -8,15 +8,28 @@ lands, until one of the reasons in ``FollowWindow.stop_reason``. The sensor mean
 keeps the hour's new keys pending and drops those the ledger already holds, so nothing
 depends on the run seeing every key: a batch it misses (a late upload from a spool) goes
 into the hour's next run as before.
+
+While it follows, ``RollupsBeside`` refreshes the rollups over what it loaded every
+``ROLLUP_EVERY_S``, on a connection and thread of its own: the rollups stay a minute
+fresh, and the rollup steps at the end of the run have only the last minute left instead
+of the whole window (40 s for 5 minutes at 50,000 rows/s, during which nothing loaded).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+
+import psycopg
 
 from iot_platform.objectstore import ObjectInfo, ObjectStore
 from iot_platform.rawbatch import KEY_TIME_FORMAT, BatchKey, RawBatchError, hour_prefix
+from iot_platform.warehouse.aggregates import refresh_loaded
+from iot_platform.warehouse.migrations import Dialect
 
 POLL_S = 0.5
 # No new batch for this long: the devices went quiet; end, so the rollups refresh.
@@ -26,6 +39,8 @@ HOUR_CLOSE_GRACE_S = 10.0
 # How far back each listing looks before the newest key seen: two daemons upload
 # independently, so keys do not land in key order.
 LOOKBACK = dt.timedelta(seconds=60)
+# How often a following run refreshes the rollups beside its load.
+ROLLUP_EVERY_S = 60.0
 
 
 @dataclass
@@ -82,3 +97,40 @@ class HourListing:
             return False
         self.newest = first if self.newest is None else max(self.newest, first)
         return True
+
+
+@dataclass
+class RollupsBeside:
+    """Refresh the rollups over what run ``run_id`` has loaded, every ``ROLLUP_EVERY_S``,
+    in a thread with its own (autocommit) connection, while the run goes on loading."""
+
+    connect: Callable[[], AbstractContextManager[psycopg.Connection]]
+    dialect: Dialect
+    run_id: str
+    refreshed: int = 0  # batches whose rollups were refreshed here
+    errors: list[str] = field(default_factory=list)
+    _thread: threading.Thread | None = None
+    _next: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._next = time.monotonic() + ROLLUP_EVERY_S
+
+    def tick(self, now: float) -> None:
+        """Start a refresh when one is due and none is running."""
+        if now < self._next or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._next = now + ROLLUP_EVERY_S
+        self._thread = threading.Thread(target=self._refresh, name="rollups", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for a refresh in progress: the rollup steps must not overlap it."""
+        if self._thread is not None:
+            self._thread.join()
+
+    def _refresh(self) -> None:
+        try:
+            with self.connect() as conn:
+                self.refreshed += refresh_loaded(conn, self.dialect, self.run_id)
+        except psycopg.Error as exc:  # the rollup steps at the end refresh what is left
+            self.errors.append(str(exc))

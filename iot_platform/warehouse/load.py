@@ -293,7 +293,7 @@ def load_frames(
                    telemetry_rows = %s, event_rows = %s, reject_rows = %s, duplicate_rows = %s,
                    min_ts = %s, max_ts = %s, refresh_from = %s, refresh_to = %s,
                    loaded_at = clock_timestamp(), dagster_run_id = %s,
-                   load_count = load_count + %s
+                   load_count = load_count + %s, rollups_refreshed_at = NULL
                WHERE batch_id = %s""",
             [
                 info.etag,

@@ -303,6 +303,17 @@ GRAFANA_READER = Migration(
     """,  # noqa: E501 - one line per DO block: _statements splits at ';' line ends
 )
 
+ROLLUPS_REFRESHED = Migration(
+    9,
+    "ingest_batches.rollups_refreshed_at",
+    # A following load run refreshes the rollups beside its load, every minute, for the
+    # batches it loaded since (warehouse/aggregates.py refresh_loaded); the mark tells the
+    # rollup steps at the end of the run which batches are left. A reload clears it.
+    common="""
+    ALTER TABLE ingest_batches ADD COLUMN rollups_refreshed_at timestamptz;
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE,
     TIME_BUCKET,
@@ -312,6 +323,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     STATUS_BY_RECEIVE_TIME,
     RETENTION_INDEXES,
     GRAFANA_READER,
+    ROLLUPS_REFRESHED,
 )
 
 

@@ -21,6 +21,7 @@ from iot_platform.defs.warehouse.sensors import raw_batch_sensor
 from iot_platform.discovery import Cursor, discover
 from iot_platform.objectstore import LocalDirectoryStore, S3Store
 from iot_platform.rawbatch import BatchKey
+from iot_platform.warehouse import follow
 from tests.warehouse_data import envelope, put_batch, telemetry_messages
 
 pytestmark = pytest.mark.integration
@@ -316,10 +317,14 @@ def test_an_out_of_range_device_never_holds_back_the_rollups(resources, tmp_path
     assert devices_1d == {*DEVICES[:2], DEVICES[3]}
 
 
-def test_a_following_run_loads_batches_that_land_after_its_manifest(resources, tmp_path):
-    """The live path's run keeps loading its hour's new batches (``follow_s``); the sensor
-    then drops those keys from its cursor instead of requesting another run for them; a
-    manifest of loaded batches loads nothing again."""
+def test_a_following_run_loads_batches_that_land_after_its_manifest(
+    resources, tmp_path, monkeypatch
+):
+    """The live path's run keeps loading its hour's new batches (``follow_s``) and
+    refreshes the rollups beside the load; the sensor then drops those keys from its cursor
+    instead of requesting another run for them; a manifest of loaded batches loads nothing
+    again."""
+    monkeypatch.setattr(follow, "ROLLUP_EVERY_S", 1.0)
     store = resources["object_store"].store()
     now = dt.datetime.now(dt.UTC)
     if now.minute == 59 and now.second > 30:  # the run must not reach the end of its hour
@@ -358,6 +363,17 @@ def test_a_following_run_loads_batches_that_land_after_its_manifest(resources, t
         metadata = followed.asset_materializations_for_node("load_raw_batches")[0].metadata
         assert metadata["batches"].value == 3
         assert "IOT_LOAD_FOLLOW_S" in metadata["follow_ended"].value
+        # The rollups were refreshed beside the load: nothing was left for their steps.
+        assert metadata["batches_rolled_up_while_following"].value == 3
+        (rollup,) = [
+            event.materialization.metadata
+            for event in followed.get_asset_materialization_events()
+            if event.asset_key == TELEMETRY_1M
+        ]
+        assert rollup["reason"].value == "nothing left to refresh"
+        with resources["warehouse"].connect() as conn:
+            snapshot = _snapshot(conn)
+        assert snapshot["rollup_1h"] == snapshot["direct_1h"] and snapshot["telemetry"][0] > 0
         with resources["warehouse"].connect() as conn:
             ledger = dict(
                 conn.execute(

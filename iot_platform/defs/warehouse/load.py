@@ -27,7 +27,7 @@ from iot_platform.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, Ob
 from iot_platform.rawbatch import hour_prefix
 from iot_platform.services.process import PROGRESS_EVERY_S
 from iot_platform.settings import PlatformSettings
-from iot_platform.warehouse.follow import POLL_S, FollowWindow, HourListing
+from iot_platform.warehouse.follow import POLL_S, FollowWindow, HourListing, RollupsBeside
 from iot_platform.warehouse.load import (
     BatchLoad,
     known_devices,
@@ -125,6 +125,7 @@ def load_raw_batches(
     )
     loads: list[BatchLoad] = []
     follow_ended = "-"
+    rollups_beside = 0
     with warehouse.connect() as conn:
         progress = {"next_note": time.monotonic() + PROGRESS_EVERY_S}
 
@@ -160,7 +161,13 @@ def load_raw_batches(
             infos = todo
         load_batches(infos)
         if config.follow_s > 0:
-            follow_ended = _follow(context, config.follow_s, store, config.batch_keys, load_batches)
+            beside = RollupsBeside(
+                lambda: warehouse.connect(autocommit=True), warehouse.dialect(), context.run.run_id
+            )
+            follow_ended = _follow(
+                context, config.follow_s, store, config.batch_keys, load_batches, beside
+            )
+            rollups_beside = beside.refreshed
         context.log.info(f"{len(loads)} batches loaded")
 
     rejects: Counter[str] = Counter()
@@ -172,6 +179,7 @@ def load_raw_batches(
         "reloaded_batches": sum(load.reloaded for load in loads),
         "mode": mode,
         "follow_ended": follow_ended,
+        "batches_rolled_up_while_following": rollups_beside,
         "duration_s": round(time.monotonic() - started, 3),
         "ts_min": str(min(times)) if times else "-",
         "ts_max": str(max(times)) if times else "-",
@@ -199,8 +207,10 @@ def _follow(
     store: ObjectStore,
     manifest: list[str],
     load: Callable[[list[ObjectInfo]], None],
+    beside: RollupsBeside,
 ) -> str:
-    """Load the hour's new batches as they land; returns why it stopped."""
+    """Load the hour's new batches as they land, the rollups refreshing beside; returns
+    why it stopped."""
     now = time.monotonic()
     window = FollowWindow(
         deadline=now + follow_s,
@@ -211,21 +221,27 @@ def _follow(
     listing.mark_seen(manifest)
     context.log.info(f"following partition {context.partition_key} for up to {follow_s:g} s")
     next_queue_check = now + QUEUE_CHECK_S
-    while True:
-        time.sleep(POLL_S)
-        try:
-            fresh = listing.new_batches()
-        except ObjectStoreError as exc:
-            context.log.warning(f"listing failed, trying again: {exc}")
-            fresh = []
-        if fresh:
-            load(fresh)
-        now = time.monotonic()
-        reason = window.stop_reason(now, dt.datetime.now(dt.UTC), bool(fresh))
-        if reason is None and now >= next_queue_check:
-            next_queue_check = now + QUEUE_CHECK_S
-            if _run_waits_for(context.instance, context.partition_key):
-                reason = "a queued run of this hour (a backfill or manual run) goes first"
-        if reason is not None:
-            context.log.info(f"stopped following: {reason}")
-            return reason
+    reason = None
+    try:
+        while reason is None:
+            time.sleep(POLL_S)
+            try:
+                fresh = listing.new_batches()
+            except ObjectStoreError as exc:
+                context.log.warning(f"listing failed, trying again: {exc}")
+                fresh = []
+            if fresh:
+                load(fresh)
+            now = time.monotonic()
+            reason = window.stop_reason(now, dt.datetime.now(dt.UTC), bool(fresh))
+            if reason is None and now >= next_queue_check:
+                next_queue_check = now + QUEUE_CHECK_S
+                if _run_waits_for(context.instance, context.partition_key):
+                    reason = "a queued run of this hour (a backfill or manual run) goes first"
+            beside.tick(now)
+            while beside.errors:
+                context.log.warning(f"rollup refresh beside the load failed: {beside.errors.pop()}")
+    finally:
+        beside.join()  # the rollup steps must not overlap it, nor a retry of this step
+    context.log.info(f"stopped following: {reason}")
+    return reason

@@ -1,32 +1,38 @@
 """``telemetry_1m`` -> ``telemetry_1h`` -> ``telemetry_1d``: refresh the window a run touched.
 
 The window comes from the ledger: the ``ts`` range (old and new rows) of the batches this
-run loaded, or — when an aggregate is materialised on its own — of every batch of the
-partition's hour. Nothing touched, nothing refreshed.
+run loaded that its load step has not refreshed already, or — when an aggregate is
+materialised on its own — of every batch of the partition's hour. Nothing touched,
+nothing refreshed.
 """
 
 import time
 
 import dagster as dg
-from psycopg import sql
 
 from iot_platform.defs.keys import TELEMETRY, TELEMETRY_1D, TELEMETRY_1H, TELEMETRY_1M
 from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import WarehouseResource
 from iot_platform.defs.warehouse.retry import LOAD_RETRY
-from iot_platform.warehouse.aggregates import refresh
+from iot_platform.warehouse.aggregates import refresh, unrefreshed_window
 
 
 def touched_window(conn, run_id: str, partition_key: str):
-    """(from, to) of the ts values the run's loads touched, else the partition's batches."""
-    for column, value in (("dagster_run_id", run_id), ("partition_key", partition_key)):
-        query = sql.SQL(
-            "SELECT min(refresh_from), max(refresh_to) FROM ingest_batches WHERE {} = %s"
-        ).format(sql.Identifier(column))
-        row = conn.execute(query, [value]).fetchone()
-        if row and row[0] is not None:
-            return row
-    return None
+    """(from, to) to refresh: what this run loaded and its load step has not refreshed
+    already (a following run refreshes beside its load, ``refresh_loaded``); when the run
+    loaded nothing (an aggregate materialised on its own, a retry of the rollup steps),
+    every batch of the partition's hour."""
+    loaded = conn.execute(
+        "SELECT EXISTS (SELECT FROM ingest_batches WHERE dagster_run_id = %s)", [run_id]
+    ).fetchone()[0]
+    if loaded:
+        window = unrefreshed_window(conn, run_id)
+        return None if window is None else window[:2]
+    row = conn.execute(
+        "SELECT min(refresh_from), max(refresh_to) FROM ingest_batches WHERE partition_key = %s",
+        [partition_key],
+    ).fetchone()
+    return row if row and row[0] is not None else None
 
 
 def rollup_asset(key: dg.AssetKey, upstream: dg.AssetKey) -> dg.AssetsDefinition:
@@ -47,7 +53,9 @@ def rollup_asset(key: dg.AssetKey, upstream: dg.AssetKey) -> dg.AssetsDefinition
         with warehouse.connect(autocommit=True) as conn:
             window = touched_window(conn, context.run.run_id, context.partition_key)
             if window is None:
-                return dg.MaterializeResult(metadata={"refreshed": False, "reason": "no batches"})
+                return dg.MaterializeResult(
+                    metadata={"refreshed": False, "reason": "nothing left to refresh"}
+                )
             lo, hi = refresh(conn, dialect, name, *window)
         return dg.MaterializeResult(
             metadata={
