@@ -130,6 +130,10 @@ def load_raw_batches(
         progress = {"next_note": time.monotonic() + PROGRESS_EVERY_S}
 
         def load_batches(batch_infos: list[ObjectInfo]) -> None:
+            if config.batch_keys:
+                # The live path loads what is new: another run (the hour's previous one,
+                # or this one's own listing overlap) may have loaded some already.
+                batch_infos = not_yet_loaded(conn, batch_infos)
             # Read afresh for every call: a following run lasts minutes, and a device
             # enrolled meanwhile must not be rejected as unknown.
             parameters = load_parameters(conn)
@@ -153,12 +157,6 @@ def load_raw_batches(
                     progress["next_note"] = time.monotonic() + PROGRESS_EVERY_S
                     context.log.info(f"{len(loads)} batches loaded so far")
 
-        if config.batch_keys:
-            todo = not_yet_loaded(conn, infos)
-            conn.commit()
-            if len(todo) < len(infos):
-                context.log.info(f"{len(infos) - len(todo)} manifest batches were loaded already")
-            infos = todo
         load_batches(infos)
         if config.follow_s > 0:
             beside = RollupsBeside(
@@ -238,7 +236,8 @@ def _follow(
                 next_queue_check = now + QUEUE_CHECK_S
                 if _run_waits_for(context.instance, context.partition_key):
                     reason = "a queued run of this hour (a backfill or manual run) goes first"
-            beside.tick(now)
+            if reason is None:  # a refresh started now would hold the hand-over up
+                beside.tick(now)
             while beside.errors:
                 context.log.warning(f"rollup refresh beside the load failed: {beside.errors.pop()}")
     finally:
