@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from iot_platform.broker_control import reload_broker
-from iot_platform.pki import PKIError, device_paths
+from iot_platform.pki import PKIError, device_paths, dp_crl_path
 from iot_platform.pki_runs import ACTOR_TAG, ENROLL, REVOKE, PkiJob
 from iot_platform.services.mosquitto import BrokerConfig
 from iot_platform.services.process import ServiceError
@@ -93,11 +93,12 @@ def _cmd_crl_serve(settings: PlatformSettings, args: argparse.Namespace) -> int:
         )
     # The URL's own port unless a Service or proxy in front of this server maps it.
     port = listen_port(settings.crl_url) if args.port is None else args.port
-    server = serve_crl(settings.certs_dir, crl_path_of(settings.crl_url), args.bind, port)
+    url_path = crl_path_of(settings.crl_url)
+    server = serve_crl(settings.certs_dir, url_path, args.bind, port)
     bound = server.server_address[1]
     print(
-        f"serving {settings.certs_dir / 'crl.der'} at http://{args.bind}:{bound}"
-        f"{crl_path_of(settings.crl_url)} (and /healthz) for IOT_CRL_URL={settings.crl_url}",
+        f"serving {dp_crl_path(settings.certs_dir)} at http://{args.bind}:{bound}"
+        f"{url_path} (and /healthz) for IOT_CRL_URL={settings.crl_url}",
         flush=True,
     )
     stop = threading.Event()
