@@ -16,8 +16,6 @@ from collections import Counter
 from collections.abc import Callable
 
 import dagster as dg
-import polars as pl
-import psycopg
 from pydantic import Field
 
 from iot_platform.decode import DEFAULT_MAX_PAYLOAD_BYTES, TsWindow
@@ -40,28 +38,6 @@ from iot_platform.warehouse.load import (
 
 # How often a following run asks whether a run for its hour (a backfill) waits behind it.
 QUEUE_CHECK_S = 5.0
-# How often a following run re-reads the device registry and parameters.
-REGISTRY_REFRESH_S = 5.0
-
-
-class Registry:
-    """The device registry and parameters the decoder checks against, re-read at most
-    every REGISTRY_REFRESH_S: a following run lasts minutes, and a device enrolled
-    meanwhile must not be rejected as unknown, but it loads a batch every second or so and
-    the registry is one row per device."""
-
-    def __init__(self, conn: psycopg.Connection) -> None:
-        self._conn = conn
-        self._read_at: float | None = None
-        self._parameters = pl.DataFrame()
-        self._devices: set[str] = set()
-
-    def current(self) -> tuple[pl.DataFrame, set[str]]:
-        if self._read_at is None or time.monotonic() - self._read_at >= REGISTRY_REFRESH_S:
-            self._parameters = load_parameters(self._conn)
-            self._devices = known_devices(self._conn)
-            self._read_at = time.monotonic()
-        return self._parameters, self._devices
 
 
 def _run_waits_for(instance: dg.DagsterInstance, partition: str) -> bool:
@@ -152,14 +128,16 @@ def load_raw_batches(
     rollups_beside = 0
     with warehouse.connect() as conn:
         progress = {"next_note": time.monotonic() + PROGRESS_EVERY_S}
-        registry = Registry(conn)
 
         def load_batches(batch_infos: list[ObjectInfo]) -> None:
             if config.batch_keys:
                 # The live path loads what is new: another run (the hour's previous one,
                 # or this one's own listing overlap) may have loaded some already.
                 batch_infos = not_yet_loaded(conn, batch_infos)
-            parameters, devices = registry.current()
+            # Read afresh for every call: a following run lasts minutes, and a device
+            # enrolled meanwhile must not be rejected as unknown.
+            parameters = load_parameters(conn)
+            devices = known_devices(conn)
             conn.commit()  # end the read, so each batch below is a transaction of its own
             batches = load_objects(
                 conn,
