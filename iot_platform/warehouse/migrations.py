@@ -314,6 +314,21 @@ ROLLUPS_REFRESHED = Migration(
     """,
 )
 
+TELEMETRY_BATCH_BRIN = Migration(
+    10,
+    "telemetry batch_id index as BRIN",
+    # The B-tree on telemetry.batch_id (only used to delete a batch's rows when it is
+    # reloaded) was a quarter of the cost of every COPY into telemetry: 280,000 rows/s with
+    # it, 370,000 without. batch_id grows with insertion order, so a BRIN finds a batch's
+    # rows as well and costs almost nothing to maintain; autosummarize keeps the ranges a
+    # reload searches summarised. TimescaleDB never had this index (chunks are deleted whole).
+    common="",
+    postgres="""
+    DROP INDEX telemetry_batch;
+    CREATE INDEX telemetry_batch_brin ON telemetry USING brin (batch_id) WITH (autosummarize = on);
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE,
     TIME_BUCKET,
@@ -324,6 +339,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     RETENTION_INDEXES,
     GRAFANA_READER,
     ROLLUPS_REFRESHED,
+    TELEMETRY_BATCH_BRIN,
 )
 
 
