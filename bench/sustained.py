@@ -313,8 +313,12 @@ def _self_and_children() -> tuple[float, float]:
 
 # ---- one phase --------------------------------------------------------------------------------
 def rows_loaded(conn: psycopg.Connection, since: dt.datetime) -> int:
+    """Rows loaded since ``since``, from the ledger (the stack runs no other devices).
+    Polled every second while the load drains: a count(*) over telemetry took 1.7 s at
+    12 million rows and competed with the very load it waited for."""
     return conn.execute(
-        "SELECT count(*) FROM telemetry WHERE device_id LIKE 'sus-%%' AND ts >= %s", [since]
+        "SELECT coalesce(sum(telemetry_rows), 0) FROM ingest_batches WHERE loaded_at >= %s",
+        [since],
     ).fetchone()[0]
 
 
