@@ -25,6 +25,7 @@ from pathlib import Path
 from types import FrameType
 
 import psycopg
+import yaml  # type: ignore[import-untyped]  # PyYAML (a dependency of dagster) ships no stubs
 
 from ingest_daemon.config import DEFAULT_METRICS_PORT
 from iot_platform.broker_control import INGEST_IDENTITY
@@ -32,7 +33,7 @@ from iot_platform.crl_http import listen_port
 from iot_platform.pki import CertificateAuthority, init_pki
 from iot_platform.services.mosquitto import BrokerConfig, MosquittoBroker
 from iot_platform.services.postgres import PostgresServer
-from iot_platform.services.process import ChildProcess, ServiceError, port_is_open
+from iot_platform.services.process import ChildProcess, ServiceError, free_port, port_is_open
 from iot_platform.settings import (
     PROJECT_ROOT,
     PlatformSettings,
@@ -45,7 +46,7 @@ from iot_platform.warehouse.migrations import Dialect, migrate
 
 log = logging.getLogger(__name__)
 
-WORKSPACE = str(PROJECT_ROOT / "workspace.yaml")
+WORKSPACE = PROJECT_ROOT / "workspace.yaml"
 BINDIR = Path(sys.executable).parent
 SERVICE_IDENTITIES = [INGEST_IDENTITY]
 
@@ -115,6 +116,46 @@ def prepare_pki(settings: PlatformSettings) -> list[str]:
         services=SERVICE_IDENTITIES,
         crl_days=settings.crl_days,
     )
+
+
+@dataclass(frozen=True)
+class CodeLocation:
+    """A code location of ``workspace.yaml`` served on a loopback port of its own."""
+
+    name: str
+    module: str
+    port: int
+
+
+def code_locations(workspace: Path) -> list[CodeLocation]:
+    """The ``python_module`` locations of ``workspace``, each given a free loopback port.
+
+    The embedded stack serves each with ``dagster code-server start`` and points the
+    webserver and the daemon at those servers (``workspace_of``), as docker compose does.
+    Left to load ``workspace.yaml`` themselves, the webserver and the daemon each started
+    their own code servers, and the daemon started fresh ones every 60 s to pick up code
+    changes: importing both locations again (the dbt one alone takes 3-4 s of CPU) on a
+    machine the live load already keeps busy.
+    """
+    entries = yaml.safe_load(workspace.read_text())["load_from"]
+    return [
+        CodeLocation(
+            entry["python_module"]["location_name"],
+            entry["python_module"]["module_name"],
+            free_port(),
+        )
+        for entry in entries
+    ]
+
+
+def workspace_of(locations: list[CodeLocation]) -> dict:
+    """A workspace that reaches each location over gRPC on loopback."""
+    return {
+        "load_from": [
+            {"grpc_server": {"host": "127.0.0.1", "port": loc.port, "location_name": loc.name}}
+            for loc in locations
+        ]
+    }
 
 
 MAX_RESTARTS = 5
@@ -224,6 +265,9 @@ class EmbeddedStack:
         if self.settings.crl_url:  # Mosquitto reads crl.pem; the URL is for other parties
             self._supervise("crl", self._start_crl, essential=False)
         self._supervise("ingest", self._start_ingest)
+        for location in self._code_locations:
+            start = functools.partial(self._start_code_server, location)
+            self._supervise(f"code-{location.name}", start)
         self._supervise("dagster-webserver", self._start_webserver)
         self._supervise("dagster-daemon", self._start_daemon)
         if self.settings.simulator_devices:
@@ -311,17 +355,41 @@ class EmbeddedStack:
         env["IOT_CA_PASSPHRASE"] = local_secret(s, "IOT_CA_PASSPHRASE", "ca_passphrase").value
         return env
 
+    @functools.cached_property
+    def _code_locations(self) -> list[CodeLocation]:
+        """Chosen once: a restarted code server comes back on the same port."""
+        return code_locations(WORKSPACE)
+
+    @functools.cached_property
+    def _workspace(self) -> Path:
+        path = self.settings.home / "dagster_home" / "workspace.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(workspace_of(self._code_locations)))
+        return path
+
+    def _start_code_server(self, location: CodeLocation) -> ChildProcess:
+        argv = [str(BINDIR / "dagster"), "code-server", "start", "-h", "127.0.0.1"]
+        argv += ["-p", str(location.port), "-m", location.module]
+        argv += ["--location-name", location.name]
+        server = self._spawn(f"code-{location.name}", argv, self._dagster_env)
+        # The server loads the code before it listens: an open port means loaded.
+        server.wait_until(
+            lambda: port_is_open("127.0.0.1", location.port), timeout=180, what="code loaded"
+        )
+        return server
+
     def _start_webserver(self) -> ChildProcess:
         s = self.settings
         argv = [str(BINDIR / "dagster-webserver"), "-h", s.dagster_host, "-p", str(s.dagster_port)]
-        webserver = self._spawn("dagster-webserver", [*argv, "-w", WORKSPACE], self._dagster_env)
+        argv += ["-w", str(self._workspace)]
+        webserver = self._spawn("dagster-webserver", argv, self._dagster_env)
         webserver.wait_until(
             lambda: _http_ok(f"{self.dagster_url}/server_info"), timeout=180, what="HTTP 200"
         )
         return webserver
 
     def _start_daemon(self) -> ChildProcess:
-        argv = [str(BINDIR / "dagster-daemon"), "run", "-w", WORKSPACE]
+        argv = [str(BINDIR / "dagster-daemon"), "run", "-w", str(self._workspace)]
         return self._spawn("dagster-daemon", argv, self._dagster_env)
 
     def _start_simulator(self) -> ChildProcess:
