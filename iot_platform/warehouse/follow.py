@@ -51,9 +51,12 @@ class FollowWindow:
     hour_end: dt.datetime
     last_new: float
 
+    def saw_new(self, now: float) -> None:
+        """A poll found new batches at ``now``."""
+        self.last_new = now
+
     def stop_reason(self, now: float, wall: dt.datetime, found_new: bool) -> str | None:
-        if found_new:
-            self.last_new = now
+        """Why to stop following after a poll that found new batches or not; None: go on."""
         if now >= self.deadline:
             return "follow window ended (IOT_LOAD_FOLLOW_S)"
         if not found_new and wall >= self.hour_end + dt.timedelta(seconds=HOUR_CLOSE_GRACE_S):

@@ -24,20 +24,24 @@ def _window() -> FollowWindow:
 def test_a_run_follows_while_batches_keep_landing_inside_its_window_and_hour():
     window = _window()
     for t in range(1, 300, 7):
+        window.saw_new(float(t))
         assert window.stop_reason(float(t), HOUR + dt.timedelta(seconds=t), True) is None
     assert "IOT_LOAD_FOLLOW_S" in (window.stop_reason(300.0, HOUR, True) or "")
 
 
 def test_a_quiet_hour_ends_the_run_so_the_rollups_refresh():
     window = _window()
+    window.saw_new(10.0)
     assert window.stop_reason(10.0, HOUR, True) is None
     assert window.stop_reason(10.0 + IDLE_S - 1, HOUR, False) is None
+    assert window.stop_reason(10.0 + IDLE_S - 1, HOUR, False) is None  # asking changes nothing
     assert "no new batch" in (window.stop_reason(10.0 + IDLE_S, HOUR, False) or "")
 
 
 def test_a_closed_hour_ends_the_run_once_a_poll_finds_nothing_new():
     window = _window()
     closed = HOUR + dt.timedelta(hours=1, seconds=HOUR_CLOSE_GRACE_S)
+    window.saw_new(5.0)
     assert window.stop_reason(5.0, closed, True) is None  # its last batches still load
     assert "hour is over" in (window.stop_reason(6.0, closed, False) or "")
 

@@ -230,6 +230,7 @@ def _follow(
                 fresh = []
             if fresh:
                 load(fresh)
+                window.saw_new(time.monotonic())
             now = time.monotonic()
             reason = window.stop_reason(now, dt.datetime.now(dt.UTC), bool(fresh))
             if reason is None and now >= next_queue_check:
