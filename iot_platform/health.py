@@ -22,6 +22,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from iot_platform.settings import SettingsError, env_float, env_str
+from iot_platform.warehouse.aggregates import ROLLUPS, align
 
 Bounds = dict[str, tuple[float, float]]  # metric -> (min, max)
 
@@ -273,11 +274,63 @@ def _bound_rows(subjects: Mapping[str, Bounds] | Mapping[str | None, Bounds]) ->
     }
 
 
+def _rollup_split(conn: psycopg.Connection, since: dt.datetime) -> dict:
+    """Which part of the window ``telemetry_1m`` answers for, as query parameters.
+
+    A row is reflected in the minute rollup once its batch is marked refreshed
+    (``ingest_batches.rollups_refreshed_at``); a reload clears the mark, so every row not
+    reflected yet, and every row a reload removed while the rollup still counts it, lies
+    within [refresh_from, refresh_to] of an unmarked batch. Returned: those batches
+    (``unrolled``) and the union of their ranges, the minute buckets that union touches
+    (``dirty_from`` to ``dirty_to``, an empty span when there are none: no rollup bucket
+    there is trusted), the bucket holding the window start (``first_bucket``, partly before
+    the window) and where the whole buckets begin (``full_from``).
+    """
+    width = ROLLUPS["telemetry_1m"].width
+    row = conn.execute(
+        """SELECT coalesce(array_agg(batch_id), '{}'), min(refresh_from), max(refresh_to)
+           FROM ingest_batches
+           WHERE rollups_refreshed_at IS NULL AND refresh_to >= %s""",
+        [since],
+    ).fetchone()
+    assert row is not None  # an aggregate without GROUP BY returns one row
+    unrolled, unrolled_from, unrolled_to = row
+    first_bucket, _ = align(since, since, width)
+    dirty_from, dirty_to = (
+        align(unrolled_from, unrolled_to, width) if unrolled else (first_bucket, first_bucket)
+    )
+    return {
+        "since": since,
+        "width": width,
+        "first_bucket": first_bucket,
+        "full_from": first_bucket if first_bucket == since else first_bucket + width,
+        "unrolled": unrolled,
+        "unrolled_from": unrolled_from,
+        "unrolled_to": unrolled_to,
+        "dirty_from": dirty_from,
+        "dirty_to": dirty_to,
+    }
+
+
 def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
     """Per device: its own bounds (metadata), else its type's, else the generic ones.
 
     A device whose metadata override is invalid is reported with the reason (and judged by
-    its type's bounds): an operator mistake is a finding, never a failed evaluation."""
+    its type's bounds): an operator mistake is a finding, never a failed evaluation.
+
+    Cost: the window's raw telemetry (rate x window rows: 180 million at 50,000 rows/s and
+    60 minutes) is never scanned whole; the minute rollup answers for what it reflects
+    (``_rollup_split``). A first pass finds the (device, metric) pairs that can fail from
+    an envelope of the window's values: telemetry_1m's min and max of every bucket that
+    overlaps the window, and the raw rows it does not reflect yet (the last minute or so
+    under a live load). Every row of the window is in one of the two, so a pair that fails
+    has an envelope that fails; the envelope may be wider (a row before the window start
+    in its first bucket, a row a reload removed). Each such pair is then judged exactly:
+    min and max from the rollup for the whole buckets it can be trusted for, and from raw
+    telemetry (through the (device_id, metric, ts) index) for the window's first, partial
+    bucket, the buckets of unmarked batches, and the buckets whose own min or max is out
+    of bounds, which are also the only buckets that hold the out-of-bounds rows counted.
+    """
     overrides, invalid = _device_overrides(conn)
     type_bounds: dict[str | None, Bounds] = {None: s.bounds.generic}
     type_bounds.update(s.bounds.by_type.items())
@@ -295,33 +348,75 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
                 SELECT * FROM unnest(%(o_key)s::text[], %(o_metric)s::text[],
                                      %(o_low)s::float8[], %(o_high)s::float8[])
                     AS b(device_id, metric, low, high)),
-            extremes AS (  -- cheap first pass: only (device, metric) pairs that can fail
-                SELECT device_id::text AS device_id, metric::text AS metric,
-                       min(value) AS lo, max(value) AS hi
-                FROM telemetry WHERE ts >= %(since)s GROUP BY 1, 2),
+            envelope AS (  -- cheap first pass: only (device, metric) pairs that can fail
+                SELECT device_id, metric, min(lo) AS lo, max(hi) AS hi
+                FROM (SELECT device_id COLLATE "C" AS device_id, metric COLLATE "C" AS metric,
+                             min AS lo, max AS hi
+                      FROM telemetry_1m WHERE bucket >= %(first_bucket)s
+                      UNION ALL
+                      SELECT device_id, metric, min(value), max(value) FROM telemetry
+                      WHERE ts >= %(since)s AND ts >= %(unrolled_from)s
+                        AND ts <= %(unrolled_to)s AND batch_id = ANY(%(unrolled)s)
+                      GROUP BY 1, 2) AS parts
+                GROUP BY 1, 2),
             judged AS (
-                SELECT x.*, coalesce(o.low, t.low, g.low) AS low,
+                SELECT x.device_id, x.metric, coalesce(o.low, t.low, g.low) AS low,
                        coalesce(o.high, t.high, g.high) AS high,
                        CASE WHEN o.metric IS NOT NULL THEN 'device metadata'
                             WHEN t.metric IS NOT NULL THEN 'device type ' || d.device_type
                             ELSE 'generic' END AS bounds_from
-                FROM extremes x
+                FROM envelope x
                 JOIN devices d ON d.device_id = x.device_id
                 LEFT JOIN own_bounds o ON o.device_id = x.device_id AND o.metric = x.metric
                 LEFT JOIN type_bounds t ON t.device_type = d.device_type AND t.metric = x.metric
-                LEFT JOIN type_bounds g ON g.device_type IS NULL AND g.metric = x.metric),
-            failing AS (SELECT * FROM judged WHERE lo < low OR hi > high)
-            SELECT f.device_id, jsonb_object_agg(f.metric, jsonb_build_object(
-                       'rows', n.rows, 'min', f.lo, 'max', f.hi,
-                       'allowed', jsonb_build_array(f.low, f.high), 'bounds_from', f.bounds_from))
-            FROM failing f
-            CROSS JOIN LATERAL (
-                SELECT count(*) AS rows FROM telemetry t
-                WHERE t.device_id = f.device_id AND t.metric = f.metric AND t.ts >= %(since)s
-                  AND (t.value < f.low OR t.value > f.high)) n
-            GROUP BY f.device_id ORDER BY 1
+                LEFT JOIN type_bounds g ON g.device_type IS NULL AND g.metric = x.metric
+                WHERE x.lo < coalesce(o.low, t.low, g.low)
+                   OR x.hi > coalesce(o.high, t.high, g.high)),
+            rollup AS (  -- each judged pair's buckets, flagged where raw rows must be read
+                SELECT j.device_id, j.metric, r.bucket, r.min, r.max,
+                       r.bucket < %(full_from)s
+                           OR (r.bucket >= %(dirty_from)s AND r.bucket < %(dirty_to)s)
+                           AS untrusted,
+                       r.min < j.low OR r.max > j.high AS out_of_bounds
+                FROM judged j JOIN telemetry_1m r
+                    ON r.device_id = j.device_id AND r.metric = j.metric
+                   AND r.bucket >= %(first_bucket)s),
+            raw_buckets AS (  -- disjoint whole buckets; the first one starts at the window
+                SELECT device_id, metric, %(first_bucket)s::timestamptz AS bucket FROM judged
+                UNION
+                SELECT device_id, metric, dirty
+                FROM judged CROSS JOIN generate_series(
+                    greatest(%(dirty_from)s, %(first_bucket)s), %(dirty_to)s - %(width)s,
+                    %(width)s) AS dirty
+                UNION
+                SELECT device_id, metric, bucket FROM rollup WHERE out_of_bounds),
+            raw AS (
+                SELECT b.device_id, b.metric, min(n.lo) AS lo, max(n.hi) AS hi,
+                       sum(n.rows)::bigint AS rows
+                FROM raw_buckets b
+                JOIN judged j USING (device_id, metric)
+                CROSS JOIN LATERAL (
+                    SELECT min(t.value) AS lo, max(t.value) AS hi,
+                           count(*) FILTER (WHERE t.value < j.low OR t.value > j.high) AS rows
+                    FROM telemetry t
+                    WHERE t.device_id = b.device_id AND t.metric = b.metric
+                      AND t.ts >= greatest(b.bucket, %(since)s)
+                      AND t.ts < b.bucket + %(width)s) n
+                GROUP BY 1, 2),
+            exact AS (
+                SELECT j.*, least(w.lo, r.lo) AS lo, greatest(w.hi, r.hi) AS hi, w.rows
+                FROM judged j
+                JOIN raw w USING (device_id, metric)
+                LEFT JOIN (SELECT device_id, metric, min(min) AS lo, max(max) AS hi
+                           FROM rollup WHERE NOT untrusted GROUP BY 1, 2) r
+                    USING (device_id, metric))
+            SELECT device_id, jsonb_object_agg(metric, jsonb_build_object(
+                       'rows', rows, 'min', lo, 'max', hi,
+                       'allowed', jsonb_build_array(low, high), 'bounds_from', bounds_from))
+            FROM exact WHERE lo < low OR hi > high
+            GROUP BY device_id ORDER BY 1
             """,
-            {"since": now - s.window}
+            _rollup_split(conn, now - s.window)
             | {f"t_{k}": v for k, v in by_type.items()}
             | {f"o_{k}": v for k, v in own.items()},
         )

@@ -17,14 +17,25 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from iot_platform.defs.health.checks import device_health_checks
+from iot_platform.defs.keys import TELEMETRY_1D
 from iot_platform.defs.resources import ObjectStoreResource
+from iot_platform.defs.warehouse import load, rollups
 from iot_platform.health import PLATFORM, RULES, HealthSettings, evaluate
 from iot_platform.objectstore import LocalDirectoryStore
-from iot_platform.rawbatch import read_batch
+from iot_platform.rawbatch import BatchKey, read_batch
 from iot_platform.settings import SettingsError
+from iot_platform.warehouse.aggregates import refresh
 from iot_platform.warehouse.load import known_devices, load_object, load_parameters
+from iot_platform.warehouse.migrations import Dialect, migrate
 from tests.fixtures.ingest import ingest_env, local_store_env, wait_for_rows
-from tests.integration.test_pipeline import _warehouse
+from tests.integration.test_pipeline import (
+    ASSETS,
+    DEVICES,
+    HOURS,
+    _fill_hours,
+    _materialize,
+    _warehouse,
+)
 from tests.mqtt_helpers import device_session
 from tests.warehouse_data import envelope, put_batch, telemetry_messages
 
@@ -449,3 +460,173 @@ def _received(store: LocalDirectoryStore, topic: str) -> list[tuple[dt.datetime,
             (r["received_at"], r["retain"]) for r in table if r["topic"] == topic and r["payload"]
         ]
     return sorted(out)
+
+
+# ---- values_out_of_range from the minute rollup (bounded cost) --------------------------
+
+RANGE_NOW = dt.datetime(2026, 11, 30, 12, 0, 30, tzinfo=dt.UTC)  # window from 11:00:30
+
+
+def _at(hh_mm_ss: str) -> dt.datetime:
+    h, m, s = map(int, hh_mm_ss.split(":"))
+    return RANGE_NOW.replace(hour=h, minute=m, second=s)
+
+
+def _insert_batch(conn: psycopg.Connection, key: str, rows: list[tuple]) -> int:
+    """One ledger row and its telemetry (device, "hh:mm:ss", value), as the load writes them
+    (multi-row INSERTs: the TimescaleDB double has no COPY); returns the batch id."""
+    times = [_at(t) for _, t, _ in rows]
+    (batch_id,) = conn.execute(
+        """INSERT INTO ingest_batches (object_key, partition_key, raw_rows, telemetry_rows,
+               event_rows, reject_rows, duplicate_rows, min_ts, max_ts, refresh_from, refresh_to)
+           VALUES (%s, '2026-11-30-11:00', %s, %s, 0, 0, 0, %s, %s, %s, %s)
+           RETURNING batch_id""",
+        [key, len(rows), len(rows), min(times), max(times), min(times), max(times)],
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO telemetry (ts, device_id, metric, value, batch_id)"
+        " SELECT unnest(%s::timestamptz[]), unnest(%s::text[]), 'voltage_dc',"
+        " unnest(%s::float8[]), %s",
+        [times, [d for d, _, _ in rows], [v for _, _, v in rows], batch_id],
+    )
+    return batch_id
+
+
+def _refresh_minutes(conn: psycopg.Connection, dialect: Dialect) -> None:
+    """Refresh telemetry_1m over every batch and mark them all, as refresh_loaded does."""
+    conn.commit()
+    conn.autocommit = True
+    try:
+        refresh(conn, dialect, "telemetry_1m", _at("10:00:00"), _at("12:59:00"))
+        conn.execute("UPDATE ingest_batches SET rollups_refreshed_at = now()")
+    finally:
+        conn.autocommit = False
+
+
+def _out_of_range_through_the_rollup(conn: psycopg.Connection, dialect: Dialect) -> None:
+    """The rule's findings when most of the window comes from telemetry_1m are the ones
+    raw telemetry alone gives, including where the rollup's envelope is wider than the
+    window (a rolled-up row before the window start in its first minute; a row a reload
+    removed) and rows not rolled up yet."""
+    conn.execute(
+        "INSERT INTO devices (device_id) SELECT unnest(%s::text[])",
+        [["oor-early", "oor-first", "oor-rolled", "oor-only-rolled", "oor-reloaded", "oor-new"]],
+    )
+    _insert_batch(
+        conn,
+        "b1",
+        [
+            ("oor-early", "11:00:10", 5000.0),  # same minute as the window start, before it
+            ("oor-early", "11:00:40", 100.0),
+            ("oor-first", "11:00:45", 4400.0),  # in the window's first, partial minute
+            ("oor-rolled", "11:20:00", 4500.0),
+            ("oor-rolled", "11:20:01", 10.0),
+            ("oor-rolled", "11:25:00", 5.0),  # its minimum: a minute wholly within bounds
+            ("oor-only-rolled", "11:10:00", 4100.0),
+        ],
+    )
+    reloaded = _insert_batch(conn, "b2", [("oor-reloaded", "11:30:00", 4200.0)])
+    _refresh_minutes(conn, dialect)
+    # b2 reloaded after a decoder fix: its row is 42 V now; the rollup still holds 4200
+    conn.execute("DELETE FROM telemetry WHERE batch_id = %s", [reloaded])
+    conn.execute(
+        "INSERT INTO telemetry (ts, device_id, metric, value, batch_id)"
+        " VALUES (%s, 'oor-reloaded', 'voltage_dc', 42.0, %s)",
+        [_at("11:30:00"), reloaded],
+    )
+    conn.execute(
+        "UPDATE ingest_batches SET rollups_refreshed_at = NULL WHERE batch_id = %s", [reloaded]
+    )
+    # loaded, not rolled up yet
+    _insert_batch(conn, "b3", [("oor-new", "11:59:50", -1.0), ("oor-rolled", "11:59:55", 4600.0)])
+    conn.commit()
+
+    rule, settings = RULE["values_out_of_range"], HealthSettings.from_env()
+    failing = evaluate(conn, rule, settings, RANGE_NOW).failing
+    generic = {"allowed": [0.0, 4000.0], "bounds_from": "generic"}
+    assert failing == {
+        "oor-first": {"voltage_dc": {"rows": 1, "min": 4400.0, "max": 4400.0} | generic},
+        "oor-rolled": {"voltage_dc": {"rows": 2, "min": 5.0, "max": 4600.0} | generic},
+        "oor-only-rolled": {"voltage_dc": {"rows": 1, "min": 4100.0, "max": 4100.0} | generic},
+        "oor-new": {"voltage_dc": {"rows": 1, "min": -1.0, "max": -1.0} | generic},
+    }
+    # the same as from raw telemetry alone (no batch marked: nothing read from the rollup)
+    conn.execute("UPDATE ingest_batches SET rollups_refreshed_at = NULL")
+    assert evaluate(conn, rule, settings, RANGE_NOW).failing == failing
+
+
+def test_out_of_range_reads_the_minute_rollup_exactly_on_postgresql(postgres_db):
+    with psycopg.connect(postgres_db) as conn:
+        migrate(conn, "postgresql")
+        _out_of_range_through_the_rollup(conn, Dialect.POSTGRES)
+
+
+def test_out_of_range_reads_the_minute_rollup_exactly_on_timescaledb(timescaledb):
+    with timescaledb.schema("health") as (conn, _schema):
+        migrate(conn, "timescaledb")
+        _out_of_range_through_the_rollup(conn, Dialect.TIMESCALE)
+
+
+@pytest.fixture
+def resources(postgres_db, tmp_path):
+    """The pipeline's resources, as tests/integration/test_pipeline.py sets them up."""
+    warehouse = _warehouse(postgres_db)
+    with warehouse.connect() as conn:
+        conn.execute("INSERT INTO devices (device_id) SELECT unnest(%s::text[])", [DEVICES])
+    return {
+        "warehouse": warehouse,
+        "object_store": ObjectStoreResource(backend="local", local_dir=str(tmp_path / "objects")),
+    }
+
+
+def test_rollup_steps_mark_the_batches_they_refreshed(resources, tmp_path):
+    """A manifest-only run and a backfill refresh their rollups only in the rollup steps at
+    the run's end (nothing beside the load): those steps mark the batches, so the
+    out-of-range rule reads them from telemetry_1m instead of raw telemetry for ever."""
+    store = resources["object_store"].store()
+    keys = _fill_hours(store)
+    hour = HOURS[0]
+    manifest = [k for k in keys if BatchKey.parse(k).partition_key == hour]
+
+    def unmarked(conn: psycopg.Connection) -> int:
+        return conn.execute(
+            "SELECT count(*) FROM ingest_batches WHERE rollups_refreshed_at IS NULL"
+        ).fetchone()[0]
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = _materialize(resources, instance, hour, manifest)
+        (daily,) = [
+            e.materialization.metadata
+            for e in result.get_asset_materialization_events()
+            if e.asset_key == TELEMETRY_1D
+        ]
+        assert daily["batches_marked_refreshed"].value == len(manifest)
+        with resources["warehouse"].connect() as conn:
+            assert unmarked(conn) == 0
+            # a backfill reloads the hour (clearing the marks), then marks it again
+            _materialize(resources, instance, hour)
+            assert unmarked(conn) == 0
+            assert conn.execute("SELECT min(load_count) FROM ingest_batches").fetchone() == (2,)
+            # a rollup materialised on its own (no batch loaded by its run) marks nothing
+            conn.execute("UPDATE ingest_batches SET rollups_refreshed_at = NULL")
+            conn.commit()
+            dg.materialize(
+                [*dg.load_assets_from_modules([rollups])],
+                partition_key=hour,
+                resources=resources,
+                instance=instance,
+            )
+            assert unmarked(conn) == len(manifest)
+            conn.execute("UPDATE ingest_batches SET rollups_refreshed_at = now()")
+            conn.commit()
+            # a run of a subset (the load and telemetry_1d only) did not refresh telemetry_1m
+            later = [k for k in keys if BatchKey.parse(k).partition_key == HOURS[1]]
+            dg.materialize(
+                ASSETS,
+                partition_key=HOURS[1],
+                run_config={"ops": {"load_raw_batches": {"config": {"batch_keys": later}}}},
+                resources=resources,
+                instance=instance,
+                selection=dg.AssetSelection.assets(load.load_raw_batches, TELEMETRY_1D),
+            )
+            assert unmarked(conn) == len(later)
