@@ -453,9 +453,10 @@ def _reject_rate(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, d
         rejects AS (
             SELECT device_id, sum(n)::bigint AS n, jsonb_object_agg(reason, n) AS reasons
             FROM by_reason GROUP BY 1),
-        good AS (
+        good AS (  -- only for devices with rejects: (device_id, received_at) index ranges
             SELECT device_id, count(*) AS n FROM device_messages
-            WHERE received_at >= %(since)s GROUP BY 1)
+            WHERE received_at >= %(since)s AND device_id IN (SELECT device_id FROM rejects)
+            GROUP BY 1)
         SELECT r.device_id, jsonb_build_object(
                    'rejects', r.n, 'accepted_messages', coalesce(g.n, 0),
                    'reject_rate', round(r.n::numeric / (r.n + coalesce(g.n, 0)), 4),

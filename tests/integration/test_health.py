@@ -142,6 +142,24 @@ def test_each_rule_flags_exactly_the_faulty_devices(fleet):
     assert sum(n for _, _, n in history) == len(DEVICE_RULES) * 8
 
 
+def test_reject_rate_counts_the_rejecting_devices_accepted_messages(fleet):
+    """Accepted messages are counted only for devices with rejects, and exactly."""
+    with fleet.connect() as conn:
+        failing = evaluate(conn, RULE["decode_reject_rate"], HealthSettings.from_env()).failing
+        accepted = conn.execute(
+            "SELECT count(*) FROM device_messages WHERE device_id = 'dev-reject'"
+        ).fetchone()[0]
+    assert accepted > 0
+    assert failing == {
+        "dev-reject": {
+            "rejects": 5,
+            "accepted_messages": accepted,
+            "reject_rate": round(5 / (5 + accepted), 4),
+            "reasons": {"malformed_json": 5},
+        }
+    }
+
+
 def test_checks_through_dagster_report_failing_ids_and_severity(fleet, tmp_path):
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         defs = dg.Definitions(asset_checks=[device_health_checks], resources={"warehouse": fleet})
