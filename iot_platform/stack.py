@@ -15,6 +15,7 @@ import os
 import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import time
 import urllib.request
@@ -265,6 +266,7 @@ class EmbeddedStack:
         if self.settings.crl_url:  # Mosquitto reads crl.pem; the URL is for other parties
             self._supervise("crl", self._start_crl, essential=False)
         self._supervise("ingest", self._start_ingest)
+        self._end_unfinished_runs()
         for location in self._code_locations:
             start = functools.partial(self._start_code_server, location)
             self._supervise(f"code-{location.name}", start)
@@ -366,6 +368,22 @@ class EmbeddedStack:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(workspace_of(self._code_locations)))
         return path
+
+    def _end_unfinished_runs(self) -> None:
+        """Runs the last stop left in progress died with it: end them before the daemon
+        starts, so their hours load on (``iot_platform/unfinished_runs.py``)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "iot_platform.unfinished_runs"],
+            env=self._dagster_env,
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        if done.returncode != 0:
+            raise ServiceError(f"ending the last stop's unfinished runs failed: {done.stderr}")
+        for line in done.stdout.splitlines():
+            log.warning("%s", line)
 
     def _start_code_server(self, location: CodeLocation) -> ChildProcess:
         argv = [str(BINDIR / "dagster"), "code-server", "start", "-h", "127.0.0.1"]
