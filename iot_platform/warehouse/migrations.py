@@ -329,6 +329,20 @@ TELEMETRY_BATCH_BRIN = Migration(
     """,
 )
 
+UNREFRESHED_BATCHES = Migration(
+    11,
+    "ingest_batches whose rollups are not refreshed, by refresh_to",
+    # The health rule values_out_of_range reads telemetry_1m for what it reflects and raw
+    # telemetry for the batches not marked refreshed whose ranges reach into its window
+    # (health.py). Without an index that look-up scans the whole ledger, every evaluation:
+    # 0.7-1.1 s for 30 days at one batch a second (2.6 million rows), against 1-9 ms with
+    # this one, which holds only the unmarked batches.
+    common="""
+    CREATE INDEX ingest_batches_unrefreshed ON ingest_batches (refresh_to)
+        WHERE rollups_refreshed_at IS NULL;
+    """,
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     CORE,
     TIME_BUCKET,
@@ -340,6 +354,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     GRAFANA_READER,
     ROLLUPS_REFRESHED,
     TELEMETRY_BATCH_BRIN,
+    UNREFRESHED_BATCHES,
 )
 
 
