@@ -21,5 +21,11 @@ load_job = dg.define_asset_job(
     ).without_checks(),
     description="Decode and load raw batches of one receive hour, then refresh the rollups.",
     # Loads are idempotent (the ledger), so a failed run is simply re-run from its failure.
-    tags={"dagster/max_retries": "3", "dagster/retry_strategy": "FROM_FAILURE"},
+    # A live run follows its hour (about an hour at most); one still running after two has
+    # lost its worker and is ended by the run monitoring (deploy/dagster/dagster.yaml).
+    tags={
+        "dagster/max_retries": "3",
+        "dagster/retry_strategy": "FROM_FAILURE",
+        "dagster/max_runtime": "7200",
+    },
 )
