@@ -172,8 +172,11 @@ def refresh_loaded(conn: psycopg.Connection, dialect: Dialect, run_id: str) -> i
     start, end, batch_ids = window
     for name in ROLLUPS:
         refresh(conn, dialect, name, start, end)
+    # Only batches still this run's and unmarked: one another run reloaded meanwhile holds
+    # rows this refresh may not have seen, and that run refreshes them.
     conn.execute(
-        "UPDATE ingest_batches SET rollups_refreshed_at = now() WHERE batch_id = ANY(%s)",
-        [batch_ids],
+        """UPDATE ingest_batches SET rollups_refreshed_at = now()
+           WHERE batch_id = ANY(%s) AND dagster_run_id = %s AND rollups_refreshed_at IS NULL""",
+        [batch_ids, run_id],
     )
     return len(batch_ids)
