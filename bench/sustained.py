@@ -285,6 +285,8 @@ def _component(pid: int) -> str:
     for name in ("postgres", "mosquitto", "ingest_daemon", "dagster-webserver", "dagster-daemon"):
         if name in cmd:
             return name
+    if "code-server" in cmd:  # the load runs are its children
+        return "code servers + runs"
     return "other"
 
 
