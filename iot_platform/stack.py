@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -172,6 +173,9 @@ class Supervised:
     process: ChildProcess
     start: Callable[[], ChildProcess | None]
     essential: bool = True
+    # A client of the services (Dagster, the simulator): no other child needs it to stop
+    # cleanly, so the clients stop together, before the services.
+    client: bool = False
     restarts: deque[float] = field(default_factory=deque)
 
     def may_restart(self, now: float) -> bool:
@@ -269,22 +273,35 @@ class EmbeddedStack:
         self._end_unfinished_runs()
         for location in self._code_locations:
             start = functools.partial(self._start_code_server, location)
-            self._supervise(f"code-{location.name}", start)
-        self._supervise("dagster-webserver", self._start_webserver)
-        self._supervise("dagster-daemon", self._start_daemon)
+            self._supervise(f"code-{location.name}", start, client=True)
+        self._supervise("dagster-webserver", self._start_webserver, client=True)
+        self._supervise("dagster-daemon", self._start_daemon, client=True)
         if self.settings.simulator_devices:
-            self._supervise("simulator", self._start_simulator, essential=False)
+            self._supervise("simulator", self._start_simulator, essential=False, client=True)
 
     def _supervise(
-        self, name: str, start: Callable[[], ChildProcess | None], *, essential: bool = True
+        self,
+        name: str,
+        start: Callable[[], ChildProcess | None],
+        *,
+        essential: bool = True,
+        client: bool = False,
     ) -> None:
         process = start()
         assert process is not None, f"{name} did not start"
-        self.children.append(Supervised(name, process, start, essential))
+        self.children.append(Supervised(name, process, start, essential, client))
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> ChildProcess:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str], *, signal_group: bool = False
+    ) -> ChildProcess:
         return ChildProcess(
-            name, argv, self.logs / f"{name}.log", env=env, cwd=PROJECT_ROOT
+            name,
+            argv,
+            self.logs / f"{name}.log",
+            env=env,
+            cwd=PROJECT_ROOT,
+            signal_group=signal_group,
+            stop_timeout_s=5.0 if signal_group else 20.0,
         ).start()
 
     def _platform_env(self) -> dict[str, str]:
@@ -389,7 +406,10 @@ class EmbeddedStack:
         argv = [str(BINDIR / "dagster"), "code-server", "start", "-h", "127.0.0.1"]
         argv += ["-p", str(location.port), "-m", location.module]
         argv += ["--location-name", location.name]
-        server = self._spawn(f"code-{location.name}", argv, self._dagster_env)
+        # Stopped with its runs: a code server waits for the runs it started before it
+        # exits, and a live load run follows its hour; the group is killed after 5 s (the
+        # run's transaction rolls back, and the run is retried at the next start).
+        server = self._spawn(f"code-{location.name}", argv, self._dagster_env, signal_group=True)
         # The server loads the code before it listens: an open port means loaded.
         server.wait_until(
             lambda: port_is_open("127.0.0.1", location.port), timeout=180, what="code loaded"
@@ -476,8 +496,16 @@ class EmbeddedStack:
         return supervise(self.children, lambda: self._stopping)
 
     def stop(self) -> None:
+        """The clients together (each Dagster process takes seconds to exit), then the
+        services in reverse start order: ingest flushes to the store, then the broker, then
+        PostgreSQL."""
+        clients = [child.process for child in self.children if child.client]
+        if clients:
+            with ThreadPoolExecutor(max_workers=len(clients)) as pool:
+                list(pool.map(ChildProcess.stop, clients))
         for child in reversed(self.children):
-            child.process.stop()
+            if not child.client:
+                child.process.stop()
         self.children.clear()
 
 

@@ -78,7 +78,12 @@ class ChildProcess:
         cwd: Path | None = None,
         user: pwd.struct_passwd | None = None,
         stop_signal: int = signal.SIGTERM,
+        signal_group: bool = False,
+        stop_timeout_s: float = 20.0,
     ) -> None:
+        """``signal_group``: stop() signals the child's whole process group, not only the
+        child, and kills the group if it has not exited after ``stop_timeout_s`` (a Dagster
+        code server waits for the runs it started, which are in its group)."""
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -86,6 +91,8 @@ class ChildProcess:
         self.cwd = cwd
         self.user = user
         self.stop_signal = stop_signal
+        self.signal_group = signal_group
+        self.stop_timeout_s = stop_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -162,17 +169,24 @@ class ChildProcess:
     def wait_for_port(self, host: str, port: int, *, timeout: float = 30.0) -> None:
         self.wait_until(lambda: port_is_open(host, port), timeout=timeout, what=f"{host}:{port}")
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        """Ask politely, then SIGKILL this PID after ``timeout`` seconds."""
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Ask politely, then SIGKILL this PID (or group) after ``timeout`` seconds
+        (default ``stop_timeout_s``)."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(self.stop_signal)
+            if self.signal_group:
+                os.killpg(self.proc.pid, self.stop_signal)  # start_new_session: pgid = pid
+            else:
+                self.proc.send_signal(self.stop_signal)
             try:
-                self.proc.wait(timeout=timeout)
+                self.proc.wait(timeout=self.stop_timeout_s if timeout is None else timeout)
             except subprocess.TimeoutExpired:
                 log.warning("%s (pid %s) ignored stop; killing", self.name, self.proc.pid)
-                self.proc.kill()
+                if self.signal_group:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                else:
+                    self.proc.kill()
                 self.proc.wait(timeout=10)
         self._end_process_group()
         log.info("stopped %s (pid %s, code %s)", self.name, self.proc.pid, self.proc.returncode)
