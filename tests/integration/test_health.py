@@ -30,11 +30,11 @@ from iot_platform.warehouse.migrations import Dialect, migrate
 from tests.fixtures.ingest import ingest_env, local_store_env, wait_for_rows
 from tests.integration.test_pipeline import (
     ASSETS,
-    DEVICES,
     HOURS,
     _fill_hours,
     _materialize,
     _warehouse,
+    pipeline_resources,
 )
 from tests.mqtt_helpers import device_session
 from tests.warehouse_data import envelope, put_batch, telemetry_messages
@@ -587,14 +587,7 @@ def test_out_of_range_reads_the_minute_rollup_exactly_on_timescaledb(timescaledb
 
 @pytest.fixture
 def resources(postgres_db, tmp_path):
-    """The pipeline's resources, as tests/integration/test_pipeline.py sets them up."""
-    warehouse = _warehouse(postgres_db)
-    with warehouse.connect() as conn:
-        conn.execute("INSERT INTO devices (device_id) SELECT unnest(%s::text[])", [DEVICES])
-    return {
-        "warehouse": warehouse,
-        "object_store": ObjectStoreResource(backend="local", local_dir=str(tmp_path / "objects")),
-    }
+    return pipeline_resources(postgres_db, tmp_path / "objects")
 
 
 def test_rollup_steps_mark_the_batches_they_refreshed(resources, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from pathlib import Path
 
 import dagster as dg
 import psycopg
@@ -60,15 +61,20 @@ def _fill_hours(store, seq0: int = 0, hours: tuple[str, ...] = HOURS) -> list[st
     return keys
 
 
-@pytest.fixture
-def resources(postgres_db, tmp_path):
-    warehouse = _warehouse(postgres_db)
+def pipeline_resources(conninfo: str, objects_dir: Path) -> dict:
+    """The pipeline's resources on a fresh warehouse with DEVICES registered."""
+    warehouse = _warehouse(conninfo)
     with warehouse.connect() as conn:
         conn.execute("INSERT INTO devices (device_id) SELECT unnest(%s::text[])", [DEVICES])
     return {
         "warehouse": warehouse,
-        "object_store": ObjectStoreResource(backend="local", local_dir=str(tmp_path / "objects")),
+        "object_store": ObjectStoreResource(backend="local", local_dir=str(objects_dir)),
     }
+
+
+@pytest.fixture
+def resources(postgres_db, tmp_path):
+    return pipeline_resources(postgres_db, tmp_path / "objects")
 
 
 def _materialize(resources, instance, partition, keys=None):
