@@ -172,11 +172,16 @@ def refresh_loaded(conn: psycopg.Connection, dialect: Dialect, run_id: str) -> i
     start, end, batch_ids = window
     for name in ROLLUPS:
         refresh(conn, dialect, name, start, end)
-    # Only batches still this run's and unmarked: one another run reloaded meanwhile holds
-    # rows this refresh may not have seen, and that run refreshes them.
-    conn.execute(
+    return mark_refreshed(conn, run_id, batch_ids)
+
+
+def mark_refreshed(conn: psycopg.Connection, run_id: str, batch_ids: list[int]) -> int:
+    """Mark run ``run_id``'s batches ``batch_ids`` as covered by every rollup; returns how
+    many. Only batches still this run's and unmarked: one another run reloaded meanwhile
+    holds rows the refresh may not have seen (its run id, its mark cleared), and that run
+    refreshes them."""
+    return conn.execute(
         """UPDATE ingest_batches SET rollups_refreshed_at = now()
            WHERE batch_id = ANY(%s) AND dagster_run_id = %s AND rollups_refreshed_at IS NULL""",
         [batch_ids, run_id],
-    )
-    return len(batch_ids)
+    ).rowcount

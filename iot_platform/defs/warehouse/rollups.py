@@ -19,7 +19,7 @@ from iot_platform.defs.keys import TELEMETRY, TELEMETRY_1D, TELEMETRY_1H, TELEME
 from iot_platform.defs.partitions import hourly_partitions
 from iot_platform.defs.resources import WarehouseResource
 from iot_platform.defs.warehouse.retry import LOAD_RETRY
-from iot_platform.warehouse.aggregates import refresh, unrefreshed_window
+from iot_platform.warehouse.aggregates import mark_refreshed, refresh, unrefreshed_window
 
 ROLLUP_KEYS = (TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D)  # in refresh order
 
@@ -41,19 +41,6 @@ def touched_window(conn, run_id: str, partition_key: str):
         [partition_key],
     ).fetchone()
     return (row[0], row[1], []) if row and row[0] is not None else None
-
-
-def mark_refreshed(conn, run_id: str, batch_ids: list[int]) -> int:
-    """Mark the run's batches refreshed once the last rollup covers them; returns how many.
-
-    The run's loading ended before its rollup steps began, so the batches this step found
-    unrefreshed are the ones every earlier step refreshed. One another run reloaded
-    meanwhile is its own again (its run id, its mark cleared) and is left alone."""
-    return conn.execute(
-        """UPDATE ingest_batches SET rollups_refreshed_at = now()
-           WHERE batch_id = ANY(%s) AND dagster_run_id = %s AND rollups_refreshed_at IS NULL""",
-        [batch_ids, run_id],
-    ).rowcount
 
 
 def _earlier_rollups_ran(context: dg.AssetExecutionContext) -> bool:
