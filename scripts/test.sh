@@ -13,4 +13,7 @@ echo "==> dg check defs"
 # As a Dagster user's first command from a fresh clone: no DAGSTER_HOME, no IOT_* settings.
 env -u DAGSTER_HOME .venv/bin/dg check defs
 echo "==> pytest"
-exec .venv/bin/python -m pytest "$@"
+# Two worker processes by default (pytest-xdist), a test file per worker at a time: the
+# whole-stack tests mostly wait on their stack, so the rest of the suite runs beside them.
+# IOT_TEST_WORKERS=0 runs everything in one process; later arguments override these.
+exec .venv/bin/python -m pytest --numprocesses "${IOT_TEST_WORKERS:-2}" --dist loadfile "$@"

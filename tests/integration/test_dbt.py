@@ -76,16 +76,6 @@ def dbt_module():
     return module
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_target_dirs():
-    target = DBT_DIR / "target"
-    before = set(target.iterdir()) if target.is_dir() else set()
-    yield
-    for path in set(target.iterdir()) - before if target.is_dir() else ():
-        if path.is_dir() and path.name.startswith("analytics_dbt_models-"):
-            shutil.rmtree(path, ignore_errors=True)  # the asset removes them; belt and braces
-
-
 def _status(device_id: str, seq: int, ts: dt.datetime, status: str) -> bytes:
     return json.dumps(
         {"v": 2, "device_id": device_id, "ts": ts.isoformat(), "seq": seq}
@@ -217,6 +207,9 @@ def test_marts_equal_direct_sql_and_every_dbt_test_passes(dbt_module, warehouse,
     with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
         result = materialize(dbt_module, instance)
     assert result.success
+    # The asset removes the target folder dagster-dbt gave its run (<op>-<run id>-<uuid>).
+    left = list((DBT_DIR / "target").glob(f"analytics_dbt_models-{result.run_id[:7]}-*"))
+    assert left == []
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized == {
         "analytics/device_daily_summary",
