@@ -235,7 +235,10 @@ def test_timescaledb_drops_whole_chunks_through_policies_that_match_the_settings
     cutoff_day = now.replace(hour=0, minute=0, second=0, microsecond=0) - 10 * DAY
     oldest = timescale.execute("SELECT min(ts) FROM telemetry").fetchone()[0]
     assert cutoff_day <= oldest < cutoff_day + dt.timedelta(hours=1)  # hourly rows
-    assert len(telemetry.chunks_dropped) == SPAN_DAYS - 10
+    # One chunk per UTC day of rows before that day: 30, or 31 when the seed's first row
+    # (half an hour before SPAN_DAYS ago) fell on the day before, as it does just after 00:00.
+    first_day = lo.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    assert len(telemetry.chunks_dropped) == (cutoff_day - first_day).days
     for name in ("telemetry", "telemetry_1m", "telemetry_1h"):
         r = results[name]
         assert r.rows_dropped == before[name] - after[name], name
