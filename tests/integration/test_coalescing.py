@@ -7,6 +7,9 @@ land meanwhile wait in the sensor's cursor and go into the next run; once the lo
 gone the backlog drains, and every raw batch is in the ledger exactly once. (Runs follow
 their hour, IOT_LOAD_FOLLOW_S: the run in flight during the stall loads the backlog itself
 once the lock is gone.)
+
+A stop with a load run in flight must not hold that hour either: the run's worker dies
+with the stack, and the next ``up`` ends its record so the hour loads on.
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ def _in_flight_per_partition(url: str) -> Counter[str]:
 class Publisher(threading.Thread):
     """v2 telemetry, 20 messages/s, unique seq and ts, until stopped."""
 
-    def __init__(self, session) -> None:
+    def __init__(self, session, first_seq: int = 1) -> None:
         super().__init__(daemon=True)
-        self.session, self.sent = session, 0
+        self.session, self.sent, self.first_seq = session, 0, first_seq
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -70,11 +73,49 @@ class Publisher(threading.Thread):
                 "v": 2,
                 "device_id": DEVICE,
                 "ts": dt.datetime.now(dt.UTC).isoformat(),
-                "seq": self.sent,
+                "seq": self.first_seq + self.sent - 1,
                 "msg_type": "telemetry",
                 "measurements": [{"type": "voltage_dc", "val": 750.0 + self.sent % 10}],
             }
             self.session.client.publish(f"iot/{DEVICE}/telemetry", json.dumps(body), qos=1)
+
+
+def _enrol(env: dict[str, str]) -> None:
+    with psycopg.connect(stack_warehouse(env), autocommit=True) as conn:
+        conn.execute("INSERT INTO devices (device_id) VALUES (%s)", [DEVICE])
+    stack_ca(env).issue_device_certificate(DEVICE)
+
+
+def _start_publishing(env: dict[str, str], first_seq: int = 1) -> Publisher:
+    """The device connects with its certificate and publishes until ``stop`` is set."""
+    ca = stack_ca(env)
+    cert, key = ca.device_paths(DEVICE)
+    session = open_session(
+        "127.0.0.1",
+        int(env["IOT_BROKER_PORT"]),
+        client_id=DEVICE,
+        ca_file=ca.ca_cert_path,
+        cert_file=cert,
+        key_file=key,
+        max_inflight=100,
+    )
+    assert session.connected.is_set(), session.reason
+    publisher = Publisher(session, first_seq)
+    publisher.start()
+    return publisher
+
+
+def _stop_publishing(publisher: Publisher) -> None:
+    publisher.stop.set()
+    publisher.join()
+    publisher.session.close()
+
+
+def _loaded(warehouse: str) -> int:
+    with psycopg.connect(warehouse) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM telemetry WHERE device_id = %s", [DEVICE]
+        ).fetchone()[0]
 
 
 def test_slow_loads_take_bigger_runs_not_a_longer_queue(stack_env):
@@ -83,23 +124,8 @@ def test_slow_loads_take_bigger_runs_not_a_longer_queue(stack_env):
     url = f"http://127.0.0.1:{stack_env['IOT_DAGSTER_PORT']}"
     warehouse = stack_warehouse(stack_env)
     try:
-        with psycopg.connect(warehouse, autocommit=True) as conn:
-            conn.execute("INSERT INTO devices (device_id) VALUES (%s)", [DEVICE])
-        ca = stack_ca(stack_env)
-        ca.issue_device_certificate(DEVICE)
-        cert, key = ca.device_paths(DEVICE)
-        session = open_session(
-            "127.0.0.1",
-            int(stack_env["IOT_BROKER_PORT"]),
-            client_id=DEVICE,
-            ca_file=ca.ca_cert_path,
-            cert_file=cert,
-            key_file=key,
-            max_inflight=100,
-        )
-        assert session.connected.is_set(), session.reason
-        publisher = Publisher(session)
-        publisher.start()
+        _enrol(stack_env)
+        publisher = _start_publishing(stack_env)
 
         most: Counter[str] = Counter()
 
@@ -116,9 +142,7 @@ def test_slow_loads_take_bigger_runs_not_a_longer_queue(stack_env):
             watch(40)
             stuck = blocker.execute("SELECT count(*) FROM ingest_batches").fetchone()[0]
         watch(10)  # the lock is gone: the backlog drains while publishing goes on
-        publisher.stop.set()
-        publisher.join()
-        session.close()
+        _stop_publishing(publisher)
 
         expected = publisher.sent
         deadline = time.monotonic() + 120
@@ -157,3 +181,45 @@ def test_slow_loads_take_bigger_runs_not_a_longer_queue(stack_env):
         assert stuck < len(ledger)
     finally:
         assert stack.interrupt() == 0, "".join(stack.output)
+
+
+def test_a_load_run_left_in_flight_by_a_stop_does_not_hold_its_hour(stack_env):
+    url = f"http://127.0.0.1:{stack_env['IOT_DAGSTER_PORT']}"
+    stack = Stack(stack_env)
+    stack.start()
+    warehouse = stack_warehouse(stack_env)  # its password is made by the first start
+    try:
+        _enrol(stack_env)
+        before = _start_publishing(stack_env)
+        deadline = time.monotonic() + 120
+        while _loaded(warehouse) == 0 or not _in_flight_per_partition(url):
+            assert time.monotonic() < deadline, "no load run in flight with rows loaded"
+            time.sleep(1)
+        _stop_publishing(before)
+        # The run follows its hour until no batch came for 30 s: still in flight here.
+        runs = _graphql(url, LOAD_RUNS)["runsOrError"]["results"]
+        left = [run["runId"] for run in runs if run["status"] in IN_FLIGHT]
+        assert left, "no load run in flight at the stop: the test would prove nothing"
+    finally:
+        assert stack.interrupt() == 0, "".join(stack.output)
+
+    again = Stack(stack_env)
+    again.start()
+    try:
+        after = _start_publishing(stack_env, first_seq=before.sent + 1)
+        time.sleep(10)
+        _stop_publishing(after)
+        expected = before.sent + after.sent
+        deadline = time.monotonic() + 180
+        while (loaded := _loaded(warehouse)) < expected and time.monotonic() < deadline:
+            time.sleep(1)
+        assert loaded == expected, f"{loaded} of {expected} measurements loaded"
+        statuses = {
+            r["runId"]: r["status"] for r in _graphql(url, LOAD_RUNS)["runsOrError"]["results"]
+        }
+        assert {statuses[run_id] for run_id in left} == {"FAILURE"}, statuses
+    finally:
+        assert again.interrupt() == 0, "".join(again.output)
+    log = "".join(again.output)
+    for run_id in left:
+        assert f"run {run_id} was left in progress by the last stop: marked ended" in log, log
