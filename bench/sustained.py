@@ -372,6 +372,27 @@ def phase(
                      WHERE t.device_id LIKE 'sus-%%' AND t.ts >= %s) x""",
             [since],
         ).fetchone()
+        # Each hour apart: a new hour's first rows wait for that hour's first run to start.
+        per_hour = {
+            hour.strftime("%H:00"): {
+                "rows": rows,
+                "p95_s": _round(hour_p95),
+                "max_s": _round(hour_max),
+                "first_minute_max_s": _round(first_minute_max),
+            }
+            for hour, rows, hour_p95, hour_max, first_minute_max in conn.execute(
+                """SELECT date_trunc('hour', t.ts), count(*),
+                          percentile_cont(0.95) WITHIN GROUP (
+                              ORDER BY extract(epoch FROM b.loaded_at - t.ts)::float8),
+                          max(extract(epoch FROM b.loaded_at - t.ts)::float8),
+                          max(extract(epoch FROM b.loaded_at - t.ts)::float8) FILTER (
+                              WHERE t.ts < date_trunc('hour', t.ts) + interval '1 minute')
+                   FROM telemetry t JOIN ingest_batches b USING (batch_id)
+                   WHERE t.device_id LIKE 'sus-%%' AND t.ts >= %s
+                   GROUP BY 1 ORDER BY 1""",
+                [since],
+            )
+        }
     loaded, distinct, (p50, p95, p99), worst, runs = row[0], row[1], row[2] or (None,) * 3, *row[3:]
     cpu = {k: round(cpu_after.get(k, 0) - cpu_before.get(k, 0), 1) for k in cpu_after}
     cpu["publishers"] = round(kids_after - kids_before, 1)
@@ -389,6 +410,7 @@ def phase(
         "p95_s": _round(p95),
         "p99_s": _round(p99),
         "max_s": _round(worst),
+        "per_hour": per_hour,
         "drain_s": drained_s,
         "max_in_flight_runs_per_partition": monitor.max_per_partition,
         "max_queued_runs": monitor.max_queued,
