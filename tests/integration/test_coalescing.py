@@ -28,7 +28,7 @@ import pytest
 from tests.fixtures.stack import Stack, stack_ca, stack_warehouse
 from tests.mqtt_helpers import open_session
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 DEVICE = "coalesce-meter-01"
 IN_FLIGHT = ["QUEUED", "NOT_STARTED", "STARTING", "STARTED", "CANCELING"]

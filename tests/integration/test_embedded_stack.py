@@ -21,7 +21,7 @@ from tests.fixtures.ingest import stored_rows
 from tests.fixtures.stack import Stack, alive, cmdline, descendants, stack_ca, stack_warehouse
 from tests.mqtt_helpers import open_session
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 
 def _graphql(url: str, query: str) -> dict:

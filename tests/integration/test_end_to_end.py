@@ -29,7 +29,7 @@ from iot_platform.defs.keys import (
 from iot_platform.launcher import JobLauncher
 from tests.fixtures.stack import Stack, make_stack_env, stack_warehouse
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 LOAD_ASSETS = [TELEMETRY, DEVICE_EVENTS, TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D]
 
 # The e2e fleet (prefix e2e): index -> kind by the simulator's rotation.

@@ -27,7 +27,7 @@ from tests.fixtures.stack import Stack, make_stack_env, stack_ca, stack_secret, 
 from tests.mqtt_helpers import Session, open_session
 from tests.pki_helpers import make_csr, tamper_signature
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 
 class Platform:

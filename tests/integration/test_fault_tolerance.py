@@ -23,7 +23,7 @@ import pytest
 
 from tests.fixtures.stack import Stack, child_pids, make_stack_env, stack_warehouse
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 FLEET = [sys.executable, "-m", "iot_platform.cli", "simulate", "--prefix", "ft"]
 FLEET += ["--devices", "6", "--interval", "0.5", "--duration", "110", "--fault", "0=duplicate"]

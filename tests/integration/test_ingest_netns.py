@@ -53,6 +53,8 @@ RATE_PER_DEVICE = 40  # messages/s: 160/s in all
 CUT_S = 60.0
 
 pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.long,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
     pytest.mark.skipif(not Path(IP).exists(), reason="no `ip` (iproute2) to make namespaces"),
 ]
