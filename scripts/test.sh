@@ -15,5 +15,7 @@ env -u DAGSTER_HOME .venv/bin/dg check defs
 echo "==> pytest"
 # Two worker processes by default (pytest-xdist), a test file per worker at a time: the
 # whole-stack tests mostly wait on their stack, so the rest of the suite runs beside them.
-# IOT_TEST_WORKERS=0 runs everything in one process; later arguments override these.
-exec .venv/bin/python -m pytest --numprocesses "${IOT_TEST_WORKERS:-2}" --dist loadfile "$@"
+# IOT_TEST_WORKERS=0 runs everything in one process; later arguments override these. The
+# 30 slowest tests are listed at the end, to see where the suite's time goes.
+exec .venv/bin/python -m pytest --numprocesses "${IOT_TEST_WORKERS:-2}" --dist loadfile \
+  --durations=30 "$@"
