@@ -86,7 +86,12 @@ def test_instance_config_is_valid_and_reads_storage_from_env(tmp_path, monkeypat
     from dagster._core.instance.ref import InstanceRef
 
     config = yaml.safe_load((ROOT / "deploy" / "dagster" / "dagster.yaml").read_text())
-    pg = config["storage"]["postgres"]["postgres_db"]
+    storage = config["storage"]["custom"]  # dagster_postgres' settings, kept connections
+    assert (storage["module"], storage["class"]) == (
+        "iot_platform.dagster_storage",
+        "PooledPostgresStorage",
+    )
+    pg = storage["config"]["postgres_db"]
     assert {v["env"] for v in pg.values()} == {
         "IOT_PG_HOST",
         "IOT_PG_PORT",
@@ -103,4 +108,4 @@ def test_instance_config_is_valid_and_reads_storage_from_env(tmp_path, monkeypat
     ref = InstanceRef.from_dir(str(tmp_path))
     coordinator = ref.run_coordinator  # rehydrating validates its config, as the daemon does
     assert type(coordinator).__name__ == "QueuedRunCoordinator"
-    assert ref.storage_data.class_name == "DagsterPostgresStorage"
+    assert ref.storage_data.class_name == "PooledPostgresStorage"
