@@ -27,6 +27,7 @@ import pytest
 
 from tests.fixtures.stack import Stack, stack_ca, stack_warehouse
 from tests.mqtt_helpers import open_session
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 
@@ -191,10 +192,11 @@ def test_a_load_run_left_in_flight_by_a_stop_does_not_hold_its_hour(stack_env):
     try:
         _enrol(stack_env)
         before = _start_publishing(stack_env)
-        deadline = time.monotonic() + 120
-        while _loaded(warehouse) == 0 or not _in_flight_per_partition(url):
-            assert time.monotonic() < deadline, "no load run in flight with rows loaded"
-            time.sleep(1)
+        wait_until(
+            "a load run in flight with rows loaded",
+            lambda: _loaded(warehouse) > 0 and _in_flight_per_partition(url),
+            120,
+        )
         _stop_publishing(before)
         # The run follows its hour until no batch came for 30 s: still in flight here.
         runs = _graphql(url, LOAD_RUNS)["runsOrError"]["results"]
@@ -210,10 +212,13 @@ def test_a_load_run_left_in_flight_by_a_stop_does_not_hold_its_hour(stack_env):
         time.sleep(10)
         _stop_publishing(after)
         expected = before.sent + after.sent
-        deadline = time.monotonic() + 180
-        while (loaded := _loaded(warehouse)) < expected and time.monotonic() < deadline:
-            time.sleep(1)
-        assert loaded == expected, f"{loaded} of {expected} measurements loaded"
+        wait_until(
+            f"{expected} measurements loaded",
+            lambda: _loaded(warehouse) >= expected,
+            180,
+            explain=lambda: f"({_loaded(warehouse)} loaded)",
+        )
+        assert (loaded := _loaded(warehouse)) == expected, f"{loaded} of {expected} loaded"
         statuses = {
             r["runId"]: r["status"] for r in _graphql(url, LOAD_RUNS)["runsOrError"]["results"]
         }

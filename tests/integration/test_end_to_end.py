@@ -28,6 +28,7 @@ from iot_platform.defs.keys import (
 )
 from iot_platform.launcher import JobLauncher
 from tests.fixtures.stack import Stack, make_stack_env, stack_warehouse
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 LOAD_ASSETS = [TELEMETRY, DEVICE_EVENTS, TELEMETRY_1M, TELEMETRY_1H, TELEMETRY_1D]
@@ -60,15 +61,16 @@ def stack() -> Iterator[tuple[Stack, dict[str, str], str]]:
 
 
 def _poll(conn: psycopg.Connection, query: str, done, timeout: float, params=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = conn.execute(query, params).fetchall()
+    """Re-run ``query`` until ``done(rows)``; returns those rows."""
+    last: list = []
+
+    def check() -> bool:
+        last[:] = [conn.execute(query, params).fetchall()]
         conn.commit()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up after {timeout}s on {query!r}: last {value!r}")
-        time.sleep(0.5)
+        return done(last[0])
+
+    wait_until(repr(query), check, timeout, explain=lambda: f"last {last[0]!r}")
+    return last[0]
 
 
 def _health(conn: psycopg.Connection, since, device_ids: list[str]) -> dict[str, set[str]]:

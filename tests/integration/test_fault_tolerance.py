@@ -22,19 +22,12 @@ import psycopg
 import pytest
 
 from tests.fixtures.stack import Stack, child_pids, make_stack_env, stack_warehouse
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 FLEET = [sys.executable, "-m", "iot_platform.cli", "simulate", "--prefix", "ft"]
 FLEET += ["--devices", "6", "--interval", "0.5", "--duration", "110", "--fault", "0=duplicate"]
-
-
-def _wait(what: str, condition, timeout: float, explain=lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout}s {explain()}")
-        time.sleep(1)
 
 
 def _count(conninfo: str, query: str) -> int:
@@ -100,13 +93,18 @@ def test_ingest_kill_object_store_freeze_and_postgres_restart_lose_nothing(s3_se
                 return "(the fleet is still running)"
             return f"(the fleet exited {fleet.returncode}: {fleet.stderr.read()[-2000:]})"
 
-        _wait("fleet data in telemetry", lambda: _count(warehouse, loaded) > 0, 180, fleet_state)
+        wait_until(
+            "fleet data in telemetry",
+            lambda: _count(warehouse, loaded) > 0,
+            180,
+            explain=fleet_state,
+        )
 
         # 1. kill -9 the ingest daemon: the supervisor restarts it, the broker kept the
         #    un-acknowledged messages of its persistent session.
         (ingest,) = child_pids(stack, "-m ingest_daemon")
         os.kill(ingest, signal.SIGKILL)
-        _wait(
+        wait_until(
             "ingest restarted",
             lambda: child_pids(stack, "-m ingest_daemon") not in ([], [ingest]),
             90,
@@ -121,24 +119,26 @@ def test_ingest_kill_object_store_freeze_and_postgres_restart_lose_nothing(s3_se
         # 3. PostgreSQL restarts while loads run (fast shutdown aborts them; retried).
         batches = "SELECT count(*) FROM ingest_batches"
         before = _count(warehouse, batches)
-        _wait("a load after the outage", lambda: _count(warehouse, batches) > before, 120)
+        wait_until("a load after the outage", lambda: _count(warehouse, batches) > before, 120)
         # The postmaster's PID from PostgreSQL's own record: matching command lines also
         # finds a backend forked a moment ago that has not yet renamed itself.
         pid_file = Path(env["IOT_HOME"]) / "postgres" / "cluster" / "postmaster.pid"
         postmaster = int(pid_file.read_text().splitlines()[0])
         assert postmaster in child_pids(stack, "bin/postgres -D"), postmaster
         os.kill(postmaster, signal.SIGINT)
-        _wait("postgres restarted", lambda: _count(warehouse, "SELECT 1") == 1, 120)
+        wait_until("postgres restarted", lambda: _count(warehouse, "SELECT 1") == 1, 120)
 
         out, err = fleet.communicate(timeout=240)
         assert fleet.returncode == 0, err[-3000:]
         report = json.loads(out.strip().splitlines()[-1])
         expected = sum(report["good_measurements"].values())
-        _wait(
+        wait_until(
             "every measurement loaded",
             lambda: _count(warehouse, loaded) >= expected,
             300,
-            lambda: f"expected {report['good_measurements']}, loaded {_per_device(warehouse)}",
+            explain=lambda: (
+                f"expected {report['good_measurements']}, loaded {_per_device(warehouse)}"
+            ),
         )
         time.sleep(10)  # anything still in flight would now show up as an excess
         per_device = _per_device(warehouse)

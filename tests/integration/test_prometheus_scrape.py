@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import yaml
 from ingest_daemon.metrics import IngestMetrics, serve
 from iot_platform.services.process import ChildProcess, ServiceError, free_port
 from tests.unit.test_prometheus_rules import CONFIG, rules
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,16 +46,6 @@ def _ready(base: str) -> bool:
             return answer.status == 200
     except OSError:  # refused, or 503 while the TSDB opens
         return False
-
-
-def _wait(what: str, check, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 @pytest.fixture
@@ -88,7 +78,7 @@ def scraped(tmp_path: Path) -> Iterator[tuple[IngestMetrics, str]]:
             process.wait_for_port("127.0.0.1", port, timeout=60)
         except ServiceError as exc:
             pytest.fail(f"prometheus did not start: {exc}")
-        _wait("prometheus ready", lambda: _ready(base), timeout=60)
+        wait_until("prometheus ready", lambda: _ready(base), timeout=60)
         yield metrics, base
     finally:
         process.stop()
@@ -101,28 +91,30 @@ def test_prometheus_scrapes_the_daemon_and_evaluates_the_rules(scraped):
     metrics.connected.set(1)
     metrics.received.inc(120)
     metrics.batches.labels("store").inc(3)
-    _wait("the ingest target up", lambda: _value(base, 'up{job="ingest"}') == 1.0)
-    _wait("series", lambda: _value(base, "ingest_messages_received_total") == 120.0)
+    wait_until("the ingest target up", lambda: _value(base, 'up{job="ingest"}') == 1.0, 30)
+    wait_until("series", lambda: _value(base, "ingest_messages_received_total") == 120.0, 30)
     assert _value(base, 'ingest_batches_written_total{destination="store"}') == 3.0
     assert _value(base, "ingest_connected") == 1.0
 
     groups = _api(base, "/api/v1/rules")["groups"]
     loaded = {r["name"]: r for g in groups for r in g["rules"]}
     assert set(loaded) == {rule["alert"] for rule in rules()}
-    _wait(
+    wait_until(
         "every rule evaluated",
         lambda: all(
             r["health"] == "ok" and r["lastEvaluation"] > "2000"
             for g in _api(base, "/api/v1/rules")["groups"]
             for r in g["rules"]
         ),
+        30,
     )
     assert _api(base, "/api/v1/alerts")["alerts"] == []  # a healthy daemon alerts nothing
 
     metrics.backpressure.set(1)
-    alerts = _wait(
+    alerts = wait_until(
         "IngestBackpressure pending",
         lambda: [a for a in _api(base, "/api/v1/alerts")["alerts"] if a["state"] == "pending"],
+        30,
     )
     assert [a["labels"]["alertname"] for a in alerts] == ["IngestBackpressure"]
     assert alerts[0]["labels"]["severity"] == "critical"
