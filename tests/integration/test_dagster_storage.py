@@ -4,9 +4,7 @@ PostgreSQL restart costs a reconnect, not a failed call."""
 
 from __future__ import annotations
 
-import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import psycopg
 import pytest
 
 from iot_platform.services.postgres import PostgresServer
-from iot_platform.services.process import free_port
+from tests.fixtures.services import running_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +24,9 @@ CALLS = 40
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A server of this test's own: the test restarts it."""
-    data_dir = Path(tempfile.mkdtemp(prefix="iot-test-pg-"))  # may run as user postgres
-    server = PostgresServer(
-        data_dir, port=free_port(), password=secrets.token_urlsafe(16), dialect="postgresql"
-    )
-    server.start()
-    server.ensure_database("dagster")
-    yield server
-    server.stop()
-    shutil.rmtree(data_dir, ignore_errors=True)
+    with running_postgres() as server:
+        server.ensure_database("dagster")
+        yield server
 
 
 @pytest.fixture
