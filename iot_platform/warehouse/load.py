@@ -279,9 +279,10 @@ def load_frames(
             assert inserted is not None  # INSERT ... RETURNING of one row returns one row
             batch_id = inserted[0]
             old_min = old_max = None
-        # Messages first: the claims below are looked up from this batch's stored rows.
+        telemetry, repeated = _drop_claimed(
+            conn, frames.telemetry, frames.messages, batch_id, claim_window
+        )
         _insert_messages(conn, frames.messages, batch_id)
-        telemetry, repeated = _drop_claimed(conn, frames.telemetry, batch_id, claim_window)
         duplicates = frames.duplicates + repeated
         telemetry_rows = _insert_telemetry(conn, telemetry, batch_id)
         event_rows = _insert_events(conn, frames.events, batch_id)
@@ -334,7 +335,11 @@ def load_frames(
 
 
 def _drop_claimed(
-    conn: psycopg.Connection, telemetry: pl.DataFrame, batch_id: int, window: dt.timedelta
+    conn: psycopg.Connection,
+    telemetry: pl.DataFrame,
+    messages: pl.DataFrame,
+    batch_id: int,
+    window: dt.timedelta,
 ) -> tuple[pl.DataFrame, int]:
     """The telemetry rows whose envelope (device_id, seq) no earlier-stored batch has
     claimed, and how many rows were dropped as duplicates.
@@ -345,28 +350,76 @@ def _drop_claimed(
     this one (lower batch_id: a reload keeps its claims) received within ``window`` of
     this message: after that a seq may come round again (it wraps at 2^32-1).
 
-    The envelopes are read back from this batch's ``device_messages`` rows, already
-    written in this transaction: sending them as query parameters cost more CPU in the
-    load process (text-escaping ~10,000 values a batch) than the query on the server.
+    The lookup sends the batch's seqs as runs of consecutive numbers per device (one run
+    per device in a batch of ordinary traffic, as seq is monotonic), and each run is one
+    range scan of the (device_id, seq) index that finds only stored duplicates: nothing,
+    normally. Runs cost the load process no per-message parameters, and the server reads
+    none of this batch's own rows (the earlier lookup read them back through the batch_id
+    index: 8 % of PostgreSQL's busy time at 50,000 rows/s). ``OFFSET 0`` keeps the
+    lateral subquery a loop of index scans: flattened into a join, a table whose statistics
+    lag its size (a fresh warehouse under load) got a hash join over a sequential scan of
+    every stored message, 70 ms a batch instead of 0.5 ms. The window is applied to the
+    few rows found. ``messages`` are the batch's decoded envelopes (one row per message).
     """
     if telemetry.height == 0:
         return telemetry, 0
-    claimed = conn.execute(
-        """SELECT s.device_id, s.seq
-           FROM (SELECT device_id, seq, min(received_at) AS at FROM device_messages
-                 WHERE batch_id = %(batch)s AND msg_type = 'telemetry'
-                 GROUP BY device_id, seq) AS s
-           WHERE EXISTS (
-               SELECT 1 FROM device_messages m
-               WHERE m.device_id = s.device_id AND m.seq = s.seq
-                 AND m.msg_type = 'telemetry' AND m.batch_id < %(batch)s
-                 AND m.received_at BETWEEN s.at - %(window)s AND s.at + %(window)s)""",
-        {"batch": batch_id, "window": window},
-    ).fetchall()
-    if not claimed:
+    envelopes = (
+        messages.filter(pl.col("msg_type") == "telemetry")
+        .group_by("device_id", "seq")
+        .agg(pl.col("received_at").min().alias("at"))
+        .sort("device_id", "seq")
+    )
+    if envelopes.height == 0:
         return telemetry, 0
-    keys = pl.DataFrame(claimed, schema={"device_id": pl.String, "seq": pl.Int64}, orient="row")
-    kept = telemetry.join(keys, on=["device_id", "seq"], how="anti", maintain_order="left")
+    starts_run = (pl.col("seq").diff() != 1) | (pl.col("device_id") != pl.col("device_id").shift())
+    runs = (
+        envelopes.with_columns(run=starts_run.fill_null(True).cum_sum())
+        .group_by("run")
+        .agg(
+            pl.col("device_id").first(),
+            pl.col("seq").min().alias("low"),
+            pl.col("seq").max().alias("high"),
+            pl.col("at").min().alias("first_at"),
+            pl.col("at").max().alias("last_at"),
+        )
+    )
+    stored = conn.execute(
+        """SELECT m.device_id, m.seq, m.received_at
+           FROM unnest(%(device)s::text[], %(low)s::bigint[], %(high)s::bigint[],
+                       %(first_at)s::timestamptz[], %(last_at)s::timestamptz[])
+                AS r(device_id, low, high, first_at, last_at)
+           CROSS JOIN LATERAL (
+               SELECT m.device_id, m.seq, m.received_at FROM device_messages m
+               WHERE m.device_id = r.device_id AND m.seq BETWEEN r.low AND r.high
+                 AND m.msg_type = 'telemetry' AND m.batch_id < %(batch)s
+                 AND m.received_at BETWEEN r.first_at - %(window)s AND r.last_at + %(window)s
+               OFFSET 0) AS m""",
+        {
+            "device": runs.get_column("device_id").to_list(),
+            "low": runs.get_column("low").to_list(),
+            "high": runs.get_column("high").to_list(),
+            "first_at": runs.get_column("first_at").to_list(),
+            "last_at": runs.get_column("last_at").to_list(),
+            "batch": batch_id,
+            "window": window,
+        },
+    ).fetchall()
+    if not stored:
+        return telemetry, 0
+    found = pl.DataFrame(
+        stored,
+        schema={"device_id": pl.String, "seq": pl.Int64, "stored_at": envelopes.schema["at"]},
+        orient="row",
+    )
+    claimed = envelopes.join(found, on=["device_id", "seq"]).filter(
+        (pl.col("stored_at") - pl.col("at")).abs() <= window
+    )
+    kept = telemetry.join(
+        claimed.select("device_id", "seq").unique(),
+        on=["device_id", "seq"],
+        how="anti",
+        maintain_order="left",
+    )
     return kept, telemetry.height - kept.height
 
 

@@ -240,6 +240,29 @@ def test_the_same_seq_in_two_batches_keeps_the_first_stored_whatever_the_batchin
     assert stored() == expected[:2]
 
 
+def test_claims_are_found_in_every_run_of_a_batchs_seqs(warehouse, tmp_path):
+    """The claim lookup scans one range per run of consecutive seqs of a device: a batch
+    with gaps (three runs) still has each earlier-stored seq dropped, and only those. The
+    second batch's device times differ, so only the (device_id, seq) claim can drop them."""
+    store = LocalDirectoryStore(tmp_path)
+    topic = "iot/dev-a/telemetry"
+
+    def batch(seqs: list[int], offset_s: float, seq: int) -> ObjectInfo:
+        def at(n: int) -> dt.datetime:
+            return T0 + dt.timedelta(seconds=n + offset_s)
+
+        messages = [(at(n), topic, envelope("dev-a", n, at(n), {"voltage_dc": 1.0})) for n in seqs]
+        return put_batch(store, messages, seq=seq)
+
+    _load(warehouse, store, batch([1, 2, 3, 4, 5, 20], 0.0, 1))
+    second = _load(warehouse, store, batch([3, 10, 11, 20, 21], 0.5, 2))
+    assert (second.telemetry_rows, second.duplicate_rows) == (3, 2)
+    stored = warehouse.execute(
+        "SELECT extract(epoch FROM ts - %s)::float8 FROM telemetry ORDER BY ts", [T0]
+    ).fetchall()
+    assert [row[0] for row in stored] == [1, 2, 3, 4, 5, 10.5, 11.5, 20, 21.5]
+
+
 def test_overlapping_loads_of_the_same_messages_lose_nothing_on_reload(
     warehouse, postgres_db, tmp_path
 ):
