@@ -354,18 +354,19 @@ def _drop_claimed(
     run per device in a batch of ordinary traffic, as seq is monotonic) and asks which
     runs hold any stored seq at all: one probe of the (device_id, seq) index per run,
     finding nothing normally. Only the seqs of runs that do are then checked one by one
-    against the rule (earlier batch, within the window), each stopping at its first
-    claim, so a device that repeats one seq endlessly costs one probe per message, not a
+    against the rule (earlier batch, within the window), each probe stopping at its first
+    claim, so a device that repeats one seq endlessly costs one probe per batch, not a
     read of every stored copy. The server reads none of this batch's own rows (the earlier
     lookup read them back through the batch_id index and probed every seq: 8 % of
-    PostgreSQL's busy time at 50,000 rows/s). Both lookups are lateral loops that the
-    planner cannot turn into joins (``LIMIT``; an EXISTS drops its LIMIT and may become
-    one), and the first names no column but the
-    index's: a join over a table whose statistics lag its size (a fresh warehouse under
-    load) got a sequential scan, and with the window in the range query the planner
-    added the BRIN indexes on received_at and batch_id, whose ranges match the whole
-    table, so every run read every stored message (7.5 billion rows in one 10-minute run
-    at 50,000 rows/s). ``messages`` are the batch's decoded envelopes (one per message).
+    PostgreSQL's busy time at 50,000 rows/s).
+
+    Both lookups are lateral loops with ``LIMIT``, which the planner cannot turn into
+    joins (an EXISTS drops its LIMIT and may become one): as a join, a table whose
+    statistics lag its size (a fresh warehouse under load) got a sequential scan. The
+    first lookup names no column outside the index: with the window in that range query
+    the planner added the BRIN indexes on received_at and batch_id, whose ranges match
+    the whole table, and every run read every stored message (7.5 billion rows in one
+    10-minute run at 50,000 rows/s). ``messages`` are the batch's decoded envelopes.
     """
     if telemetry.height == 0:
         return telemetry, 0
@@ -422,12 +423,7 @@ def _drop_claimed(
     if not claimed:
         return telemetry, 0
     keys = pl.DataFrame(claimed, schema={"device_id": pl.String, "seq": pl.Int64}, orient="row")
-    kept = telemetry.join(
-        keys,
-        on=["device_id", "seq"],
-        how="anti",
-        maintain_order="left",
-    )
+    kept = telemetry.join(keys, on=["device_id", "seq"], how="anti", maintain_order="left")
     return kept, telemetry.height - kept.height
 
 
