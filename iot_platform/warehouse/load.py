@@ -399,9 +399,7 @@ def _drop_claimed(
     if not touched:
         return telemetry, 0
     # 2. Only for those runs' seqs, the exact rule: a row of an earlier batch, in the window.
-    candidates = envelopes.join(
-        pl.DataFrame({"run": [row[0] for row in touched]}, schema={"run": pl.Int64}), on="run"
-    )
+    candidates = envelopes.filter(pl.col("run").is_in([row[0] for row in touched]))
     claimed = conn.execute(
         """SELECT s.device_id, s.seq
            FROM unnest(%(device)s::text[], %(seq)s::bigint[], %(at)s::timestamptz[])
