@@ -358,7 +358,10 @@ def _drop_claimed(
     claim, so a device that repeats one seq endlessly costs one probe per batch, not a
     read of every stored copy. The server reads none of this batch's own rows (the earlier
     lookup read them back through the batch_id index and probed every seq: 8 % of
-    PostgreSQL's busy time at 50,000 rows/s).
+    PostgreSQL's busy time at 50,000 rows/s). When the shared subscription spreads one
+    device's messages over several ingest daemons, a batch holds every Nth seq and each
+    seq is a run of its own: one probe per message again, as before, plus the arrays
+    sent as parameters (not measured; the benchmarks run one daemon).
 
     Both lookups are lateral loops with ``LIMIT``, which the planner cannot turn into
     joins (an EXISTS drops its LIMIT and may become one): as a join, a table whose
