@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from iot_platform.warehouse.message_minutes import refresh_message_minutes
 from iot_platform.warehouse.migrations import Dialect
 
 
@@ -176,10 +177,13 @@ def refresh_loaded(conn: psycopg.Connection, dialect: Dialect, run_id: str) -> i
 
 
 def mark_refreshed(conn: psycopg.Connection, run_id: str, batch_ids: list[int]) -> int:
-    """Mark run ``run_id``'s batches ``batch_ids`` as covered by every rollup; returns how
-    many. Only batches still this run's and unmarked: one another run reloaded meanwhile
+    """Mark run ``run_id``'s batches ``batch_ids`` as covered by every rollup, after
+    recomputing the minutes of ``device_messages_1m`` they touched (the mark covers that
+    summary too: the health rules read it where batches are marked); returns how many.
+    Only batches still this run's and unmarked: one another run reloaded meanwhile
     holds rows the refresh may not have seen (its run id, its mark cleared), and that run
     refreshes them."""
+    refresh_message_minutes(conn, batch_ids)
     return conn.execute(
         """UPDATE ingest_batches SET rollups_refreshed_at = now()
            WHERE batch_id = ANY(%s) AND dagster_run_id = %s AND rollups_refreshed_at IS NULL""",

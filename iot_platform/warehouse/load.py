@@ -247,6 +247,14 @@ def load_frames(
         if len(times)
         else (None, None)
     )
+    # The receive-time range of the stored messages: the minutes of device_messages_1m
+    # that this batch changes (warehouse/message_minutes.py).
+    received = frames.messages.get_column("received_at")
+    received_from, received_to = (
+        (cast(dt.datetime, received.min()), cast(dt.datetime, received.max()))
+        if len(received)
+        else (None, None)
+    )
     with conn.transaction():
         # A crash may lose this commit, and then its ledger row too: the batch is simply
         # loaded again. Not waiting for the WAL flush makes each batch's commit cheap.
@@ -263,11 +271,12 @@ def load_frames(
         # first, so each batch is a transaction of its own.)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [LOAD_LOCK_KEY])
         previous = conn.execute(
-            "SELECT batch_id, min_ts, max_ts FROM ingest_batches WHERE object_key = %s FOR UPDATE",
+            """SELECT batch_id, min_ts, max_ts, received_from, received_to FROM ingest_batches
+               WHERE object_key = %s FOR UPDATE""",
             [info.key],
         ).fetchone()
         if previous:
-            batch_id, old_min, old_max = previous
+            batch_id, old_min, old_max, old_received_from, old_received_to = previous
             _delete_batch(conn, batch_id, old_min, old_max)
         else:
             inserted = conn.execute(
@@ -278,7 +287,7 @@ def load_frames(
             ).fetchone()
             assert inserted is not None  # INSERT ... RETURNING of one row returns one row
             batch_id = inserted[0]
-            old_min = old_max = None
+            old_min = old_max = old_received_from = old_received_to = None
         telemetry, repeated = _drop_claimed(
             conn, frames.telemetry, frames.messages, batch_id, claim_window
         )
@@ -294,6 +303,7 @@ def load_frames(
             """UPDATE ingest_batches SET etag = %s, size_bytes = %s, raw_rows = %s,
                    telemetry_rows = %s, event_rows = %s, reject_rows = %s, duplicate_rows = %s,
                    min_ts = %s, max_ts = %s, refresh_from = %s, refresh_to = %s,
+                   received_from = %s, received_to = %s,
                    loaded_at = clock_timestamp(), dagster_run_id = %s,
                    load_count = load_count + %s, rollups_refreshed_at = NULL
                WHERE batch_id = %s""",
@@ -309,6 +319,9 @@ def load_frames(
                 max_ts,
                 refresh_from,
                 refresh_to,
+                # old and new rows: a reload removed the old ones from their minutes
+                _earliest(received_from, old_received_from),
+                _latest(received_to, old_received_to),
                 run_id,
                 1 if previous else 0,
                 batch_id,

@@ -53,6 +53,7 @@ TARGETS: tuple[Target, ...] = (
     # (never earlier than its messages were received, so it outlives the raw batch).
     Target("ingest_batches", "loaded_at", "ledger"),
     Target("device_messages", "received_at", "ledger"),
+    Target("device_messages_1m", "minute", "ledger"),  # kept as long as what it summarises
 )
 
 

@@ -64,6 +64,9 @@ def _seed(conn: psycopg.Connection, now: dt.datetime, *, rollup_tables: bool) ->
            SELECT 'raw/' || g::text, 'p', 1, 1, 0, 0, 0, g FROM {hours}""",
         """INSERT INTO device_messages (device_id, seq, ts, received_at, msg_type, batch_id)
            SELECT 'dev-a', 1, g, g, 'telemetry', 1 FROM {hours}""",
+        """INSERT INTO device_messages_1m (minute, device_id, messages, distinct_seq, min_seq,
+                                           max_seq, max_skew_s)
+           SELECT g, 'dev-a', 1, 1, 1, 1, 0 FROM {hours}""",
     ]
     if rollup_tables:  # plain PostgreSQL: the rollups are tables of their own
         statements += [
