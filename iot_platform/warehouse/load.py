@@ -7,7 +7,7 @@ the new rows in bulk, insert them with one set-based statement per table (confli
 batches), write the ledger row and move ``devices.last_seen`` forward (receive time of
 accepted messages that are not retained replays, see ``device_activity``).
 
-Bulk staging is COPY of Polars-written CSV; a server without COPY FROM STDIN (the
+Bulk staging is binary COPY (Arrow encoded by pgpq); a server without COPY FROM STDIN (the
 TimescaleDB test double) gets the same rows through ``unnest`` of arrays instead.
 
 De-duplication on (device_id, seq) does not depend on batching: a telemetry envelope whose
@@ -18,7 +18,6 @@ wins, ``_drop_claimed``); within a batch the decoder applies the same rule.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import logging
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ import polars as pl
 import psycopg
 import pyarrow as pa
 import pyarrow.compute as pc
+from pgpq import ArrowToPostgresBinaryEncoder
 from psycopg import errors, sql
 
 from iot_platform.decode import (
@@ -500,7 +500,7 @@ def _copy_into(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> boo
         return False
     try:
         with conn.transaction():
-            _copy_csv(conn, table, frame)
+            _copy_binary(conn, table, frame)
     except errors.FeatureNotSupported:
         _COPY_UNSUPPORTED.add(server)
         log.info("server rejects COPY FROM STDIN; loading with unnest instead")
@@ -508,25 +508,27 @@ def _copy_into(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> boo
     return True
 
 
-def _copy_csv(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> None:
+def _copy_binary(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> None:
+    """COPY in PostgreSQL's binary format, encoded from Arrow by pgpq: the server parses no
+    text (timestamps, doubles), the client formats none. Per million telemetry rows into
+    telemetry's table and indexes: server 5.1-5.6 CPU-s against 6.3-7.5 for Polars-written
+    CSV, client 0.49 s against 0.85 (bench notes in the README). The frame's dtypes must
+    be the columns' types exactly (UTC_US, String, Float64, Int64: ``_PG_TYPES``)."""
     text_columns = [c for c, t in frame.schema.items() if t == pl.String]
     # NUL cannot live in a PostgreSQL text value; the decoder already replaced it in text
-    # it produces, this guards the COPY format itself.
+    # it produces, this guards the COPY itself.
     frame = frame.with_columns(pl.col(text_columns).str.replace_all("\x00", "\ufffd", literal=True))
-    buffer = io.BytesIO()
-    frame.write_csv(
-        buffer,
-        include_header=False,
-        datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z",
-        null_value="",
-        quote_style="non_numeric",
-    )
+    arrow = frame.to_arrow(compat_level=pl.CompatLevel.oldest())  # large_string, not views
+    encoder = ArrowToPostgresBinaryEncoder(arrow.schema)
     with conn.cursor().copy(
-        sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(
+        sql.SQL("COPY {} ({}) FROM STDIN (FORMAT binary)").format(
             sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, frame.columns))
         )
     ) as copy:
-        copy.write(buffer.getvalue())
+        copy.write(encoder.write_header())
+        for batch in arrow.to_batches():
+            copy.write(encoder.write_batch(batch))
+        copy.write(encoder.finish())
 
 
 def _insert_unnest(
@@ -551,7 +553,7 @@ def _insert_telemetry(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: i
     # in another batch) make it fail as a whole; the savepoint rolls it back and the
     # staged insert below skips exactly those rows.
     try:
-        columns = frame.select(*_STAGE_COLUMNS["telemetry"], batch_id=pl.lit(batch_id))
+        columns = frame.select(*_STAGE_COLUMNS["telemetry"], batch_id=pl.lit(batch_id, pl.Int64))
         if _copy_into(conn, "telemetry", columns):
             return frame.height
     except errors.UniqueViolation:
@@ -592,7 +594,7 @@ def _insert_messages(conn: psycopg.Connection, frame: pl.DataFrame, batch_id: in
     if frame.height == 0:
         return
     columns = {**_STAGE_COLUMNS["device_messages"], "batch_id": "bigint"}
-    rows = frame.select(*_STAGE_COLUMNS["device_messages"], batch_id=pl.lit(batch_id))
+    rows = frame.select(*_STAGE_COLUMNS["device_messages"], batch_id=pl.lit(batch_id, pl.Int64))
     if not _copy_into(conn, "device_messages", rows):
         _insert_unnest(conn, "device_messages", rows, columns)
 
