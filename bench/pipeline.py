@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import io
 import json
 import random
 import secrets
@@ -39,7 +38,7 @@ from iot_platform.services.postgres import PostgresServer
 from iot_platform.services.process import free_port
 from iot_platform.settings import WAREHOUSE_DIALECTS
 from iot_platform.warehouse.aggregates import ROLLUPS, refresh
-from iot_platform.warehouse.load import known_devices, load_objects, load_parameters
+from iot_platform.warehouse.load import copy_binary, known_devices, load_objects, load_parameters
 from iot_platform.warehouse.migrations import Dialect, migrate
 
 METRICS = ["voltage_dc", "current_dc", "power_dc", "energy", "temperature", "frequency"]
@@ -159,10 +158,7 @@ def main() -> int:
             frame = pl.concat(decoded).select("ts", "device_id", "metric", "value", "unit")
             frame = frame.with_columns(batch_id=pl.lit(1, pl.Int64))
             t0 = time.perf_counter()
-            buffer = io.BytesIO()
-            frame.write_csv(buffer, include_header=False, datetime_format="%Y-%m-%dT%H:%M:%S%.6f%z")
-            with conn.cursor().copy("COPY telemetry_ceiling FROM STDIN (FORMAT csv)") as copy:
-                copy.write(buffer.getvalue())
+            copy_binary(conn, "telemetry_ceiling", frame)  # the loader's own COPY
             ceiling_s = time.perf_counter() - t0
         rows_per_s = rows / wall_s  # decode overlaps load (load_objects), so wall time
         ceiling = frame.height / ceiling_s

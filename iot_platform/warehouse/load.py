@@ -500,7 +500,7 @@ def _copy_into(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> boo
         return False
     try:
         with conn.transaction():
-            _copy_binary(conn, table, frame)
+            copy_binary(conn, table, frame)
     except errors.FeatureNotSupported:
         _COPY_UNSUPPORTED.add(server)
         log.info("server rejects COPY FROM STDIN; loading with unnest instead")
@@ -508,7 +508,7 @@ def _copy_into(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> boo
     return True
 
 
-def _copy_binary(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> None:
+def copy_binary(conn: psycopg.Connection, table: str, frame: pl.DataFrame) -> None:
     """COPY in PostgreSQL's binary format, encoded from Arrow by pgpq: the server parses no
     text (timestamps, doubles), the client formats none. Per million telemetry rows into
     telemetry's table and indexes: server 5.1-5.6 CPU-s against 6.3-7.5 for Polars-written
