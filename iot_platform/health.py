@@ -268,13 +268,14 @@ def _sequence(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict
                    sum(distinct_seq)::bigint AS distinct_seq,
                    max(max_seq) - min(min_seq) + 1 AS span, bool_or(overlapping) AS overlapping
             FROM ordered GROUP BY 1),
-        recounted AS (
-            SELECT device_id, count(*) AS messages, count(DISTINCT seq) AS distinct_seq,
-                   max(seq) - min(seq) + 1 AS span
-            FROM device_messages
-            WHERE received_at >= %(since)s
-              AND device_id IN (SELECT device_id FROM summed WHERE overlapping)
-            GROUP BY 1),
+        recounted AS (  -- a lateral loop: each device's own rows, never a scan of all
+            SELECT o.device_id, r.messages, r.distinct_seq, r.span
+            FROM summed o CROSS JOIN LATERAL (
+                SELECT count(*) AS messages, count(DISTINCT seq) AS distinct_seq,
+                       max(seq) - min(seq) + 1 AS span
+                FROM device_messages m
+                WHERE m.device_id = o.device_id AND m.received_at >= %(since)s) r
+            WHERE o.overlapping),
         per_device AS (
             SELECT * FROM summed WHERE NOT coalesce(overlapping, false)
             UNION ALL SELECT *, true FROM recounted)
@@ -496,14 +497,16 @@ def _clock_skew(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, di
             """
         WITH {pieces},
         skewed AS (SELECT device_id FROM pieces GROUP BY 1 HAVING max(max_skew_s) > %(limit)s)
-        SELECT device_id, jsonb_build_object(
-                   'skewed_messages', count(*),
-                   'max_skew_s', round(max(abs(extract(epoch FROM received_at - ts)))::numeric, 1),
+        SELECT s.device_id, jsonb_build_object(
+                   'skewed_messages', n.messages, 'max_skew_s', round(n.worst, 1),
                    'limit_s', %(limit)s::float8)
-        FROM device_messages
-        WHERE received_at >= %(since)s AND device_id IN (SELECT device_id FROM skewed)
-          AND abs(extract(epoch FROM received_at - ts)) > %(limit)s
-        GROUP BY device_id ORDER BY 1
+        FROM skewed s CROSS JOIN LATERAL (  -- each skewed device's own rows only
+            SELECT count(*) AS messages, max(abs(extract(epoch FROM received_at - ts))) AS worst
+            FROM device_messages m
+            WHERE m.device_id = s.device_id AND m.received_at >= %(since)s
+              AND abs(extract(epoch FROM m.received_at - m.ts)) > %(limit)s) n
+        WHERE n.messages > 0
+        ORDER BY 1
         """
         ).format(pieces=_MESSAGE_PIECES),
         _unreflected_split(conn, now - s.window, "device_messages_1m") | {"limit": s.clock_skew_s},
