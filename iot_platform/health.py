@@ -326,6 +326,13 @@ def _bound_rows(subjects: Mapping[str, Bounds] | Mapping[str | None, Bounds]) ->
     }
 
 
+# Per summary, the ledger columns holding each batch's range in the summary's own clock.
+_REFLECTED_RANGE = {
+    "telemetry_1m": ("refresh_from", "refresh_to"),  # device time (ts)
+    "device_messages_1m": ("received_from", "received_to"),  # receive time
+}
+
+
 def _unreflected_split(
     conn: psycopg.Connection, since: dt.datetime, summary: str = "telemetry_1m"
 ) -> dict:
@@ -343,11 +350,7 @@ def _unreflected_split(
     the whole buckets begin (``full_from``).
     """
     width = ROLLUPS["telemetry_1m"].width
-    low, high = (
-        ("refresh_from", "refresh_to")
-        if summary == "telemetry_1m"
-        else ("received_from", "received_to")
-    )
+    low, high = _REFLECTED_RANGE[summary]
     row = conn.execute(
         sql.SQL(
             """SELECT coalesce(array_agg(batch_id), '{{}}'), min({low}), max({high})
