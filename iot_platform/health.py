@@ -17,6 +17,7 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import psycopg
 from psycopg import sql
@@ -161,10 +162,78 @@ class Rule:
     name: str
     severity: str
     description: str
-    query: Callable[[psycopg.Connection, HealthSettings, dt.datetime], list[tuple[str, dict]]]
+    query: Callable[[Evaluation], list[tuple[str, dict]]]
     # "device": findings are device ids, with a device_health row per device; "platform":
     # one finding about the platform itself (subject PLATFORM), not blamed on any device.
     scope: str = "device"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation of the rules: one clock for all of them, and what several rules read
+    computed once (``message_totals``: sequence_gaps_duplicates and clock_skew each read
+    the window's unsummarised messages, ~1.2 million rows at 10,000 msgs/s, before they
+    shared it)."""
+
+    conn: psycopg.Connection
+    settings: HealthSettings
+    now: dt.datetime
+
+    @property
+    def since(self) -> dt.datetime:
+        return self.now - self.settings.window
+
+    @cached_property
+    def message_totals(self) -> dict[str, list]:
+        """Per device over the window, as parallel arrays for an ``unnest`` in SQL:
+        messages, distinct seqs summed over its pieces, seq span, whether two pieces' seq
+        ranges overlap (then the distinct count is not a sum: recount from raw rows), and
+        the largest clock skew."""
+        rows = self.conn.execute(
+            sql.SQL(
+                """
+            WITH {pieces},
+            ordered AS (
+                SELECT *, max(max_seq) OVER (PARTITION BY device_id ORDER BY min_seq, max_seq
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) >= min_seq
+                          AS overlapping
+                FROM pieces)
+            SELECT device_id, sum(messages)::bigint, sum(distinct_seq)::bigint,
+                   max(max_seq) - min(min_seq) + 1, coalesce(bool_or(overlapping), false),
+                   max(max_skew_s)
+            FROM ordered GROUP BY 1 ORDER BY 1
+            """
+            ).format(pieces=_MESSAGE_PIECES),
+            _unreflected_split(self.conn, self.since, "device_messages_1m"),
+        ).fetchall()
+        columns = ("device", "messages", "distinct_seq", "span", "overlapping", "max_skew")
+        return {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+
+    def run(self, rule: Rule) -> RuleResult:
+        """Run one rule; for a device rule, record its outcome for every registered device."""
+        failing = dict(rule.query(self))
+        if rule.scope == "platform":
+            return RuleResult(rule.name, rule.severity, failing, 1)
+        devices = [row[0] for row in self.conn.execute("SELECT device_id FROM devices")]
+        statuses = [rule.severity if d in failing else "ok" for d in devices]
+        details = [Jsonb(failing.get(d, {})) for d in devices]
+        with self.conn.transaction():
+            self.conn.execute(
+                """INSERT INTO device_health (checked_at, device_id, check_name, status, detail)
+                   SELECT %s, d, %s, s, x
+                   FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS u(d, s, x)""",
+                [self.now, rule.name, devices, statuses, details],
+            )
+        return RuleResult(rule.name, rule.severity, failing, len(devices))
+
+
+# The per-device message totals as a relation, for the rules that read them.
+_TOTALS = """
+    totals AS (
+        SELECT * FROM unnest(%(device)s::text[], %(messages)s::bigint[],
+                             %(distinct_seq)s::bigint[], %(span)s::bigint[],
+                             %(overlapping)s::boolean[], %(max_skew)s::numeric[])
+            AS t(device_id, messages, distinct_seq, span, overlapping, max_skew_s))"""
 
 
 def _rows(
@@ -179,9 +248,9 @@ def _rows(
 _NEWEST_RECEIVED = "SELECT least(max(last_seen), %(now)s) AS newest FROM devices"
 
 
-def _silent(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+def _silent(ev: Evaluation) -> list[tuple[str, dict]]:
     return _rows(
-        conn,
+        ev.conn,
         f"""
         WITH reference AS ({_NEWEST_RECEIVED})
         SELECT d.device_id, jsonb_build_object(
@@ -203,13 +272,13 @@ def _silent(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]
            OR st.status = 'offline'
         ORDER BY 1
         """,  # noqa: S608 - constant SQL
-        {"now": now},
+        {"now": ev.now},
     )
 
 
-def _pipeline_lag(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+def _pipeline_lag(ev: Evaluation) -> list[tuple[str, dict]]:
     return _rows(
-        conn,
+        ev.conn,
         f"""
         SELECT %(platform)s, jsonb_build_object(
                    'newest_received_at', newest,
@@ -218,7 +287,7 @@ def _pipeline_lag(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
         FROM ({_NEWEST_RECEIVED}) r
         WHERE newest < %(now)s - make_interval(secs => %(limit)s::float8)
         """,  # noqa: S608 - constant SQL
-        {"now": now, "limit": s.pipeline_lag.total_seconds(), "platform": PLATFORM},
+        {"now": ev.now, "limit": ev.settings.pipeline_lag.total_seconds(), "platform": PLATFORM},
     )
 
 
@@ -248,37 +317,26 @@ _MESSAGE_PIECES = sql.SQL(
 )
 
 
-def _sequence(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+def _sequence(ev: Evaluation) -> list[tuple[str, dict]]:
     """Distinct seqs add up across the window's minutes while no seq is in two of them (a
     device counting up); a device whose minutes' seq ranges overlap (a restart, a
     redelivery a minute later, several ingest daemons sharing its messages) is counted
     again from its own raw rows of the window, through the (device_id, received_at) index."""
     return _rows(
-        conn,
-        sql.SQL(
-            """
-        WITH {pieces},
-        ordered AS (
-            SELECT device_id, messages, distinct_seq, min_seq, max_seq,
-                   max(max_seq) OVER (PARTITION BY device_id ORDER BY min_seq, max_seq
-                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) >= min_seq AS overlapping
-            FROM pieces),
-        summed AS (
-            SELECT device_id, sum(messages)::bigint AS messages,
-                   sum(distinct_seq)::bigint AS distinct_seq,
-                   max(max_seq) - min(min_seq) + 1 AS span, bool_or(overlapping) AS overlapping
-            FROM ordered GROUP BY 1),
+        ev.conn,
+        f"""
+        WITH {_TOTALS},
         recounted AS (  -- a lateral loop: each device's own rows, never a scan of all
             SELECT o.device_id, r.messages, r.distinct_seq, r.span
-            FROM summed o CROSS JOIN LATERAL (
+            FROM totals o CROSS JOIN LATERAL (
                 SELECT count(*) AS messages, count(DISTINCT seq) AS distinct_seq,
                        max(seq) - min(seq) + 1 AS span
                 FROM device_messages m
                 WHERE m.device_id = o.device_id AND m.received_at >= %(since)s) r
             WHERE o.overlapping),
         per_device AS (
-            SELECT * FROM summed WHERE NOT coalesce(overlapping, false)
-            UNION ALL SELECT *, true FROM recounted)
+            SELECT device_id, messages, distinct_seq, span FROM totals WHERE NOT overlapping
+            UNION ALL SELECT * FROM recounted)
         SELECT device_id, jsonb_build_object(
                    'messages', messages, 'missing_seq', span - distinct_seq,
                    'duplicates', messages - distinct_seq,
@@ -287,9 +345,8 @@ def _sequence(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict
         WHERE span > distinct_seq
            OR (messages - distinct_seq)::float8 / messages > %(rate)s
         ORDER BY 1
-        """
-        ).format(pieces=_MESSAGE_PIECES),
-        _unreflected_split(conn, now - s.window, "device_messages_1m") | {"rate": s.duplicate_rate},
+        """,  # noqa: S608 - constant SQL
+        ev.message_totals | {"since": ev.since, "rate": ev.settings.duplicate_rate},
     )
 
 
@@ -378,7 +435,7 @@ def _unreflected_split(
     }
 
 
-def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+def _out_of_range(ev: Evaluation) -> list[tuple[str, dict]]:
     """Per device: its own bounds (metadata), else its type's, else the generic ones.
 
     A device whose metadata override is invalid is reported with the reason (and judged by
@@ -397,9 +454,10 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
     bucket, the buckets of unmarked batches, and the buckets whose own min or max is out
     of bounds, which are also the only buckets that hold the out-of-bounds rows counted.
     """
+    conn, bounds = ev.conn, ev.settings.bounds
     overrides, invalid = _device_overrides(conn)
-    type_bounds: dict[str | None, Bounds] = {None: s.bounds.generic}
-    type_bounds.update(s.bounds.by_type.items())
+    type_bounds: dict[str | None, Bounds] = {None: bounds.generic}
+    type_bounds.update(bounds.by_type.items())
     by_type = _bound_rows(type_bounds)
     own = _bound_rows(overrides)
     found = dict(
@@ -482,7 +540,7 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
             FROM exact WHERE lo < low OR hi > high
             GROUP BY device_id ORDER BY 1
             """,
-            _unreflected_split(conn, now - s.window)
+            _unreflected_split(conn, ev.since)
             | {f"t_{k}": v for k, v in by_type.items()}
             | {f"o_{k}": v for k, v in own.items()},
         )
@@ -492,33 +550,30 @@ def _out_of_range(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, 
     return sorted(found.items())
 
 
-def _clock_skew(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+def _clock_skew(ev: Evaluation) -> list[tuple[str, dict]]:
     """The minutes find the devices with a skewed message; only their raw rows are counted."""
     return _rows(
-        conn,
-        sql.SQL(
-            """
-        WITH {pieces},
-        skewed AS (SELECT device_id FROM pieces GROUP BY 1 HAVING max(max_skew_s) > %(limit)s)
-        SELECT s.device_id, jsonb_build_object(
+        ev.conn,
+        f"""
+        WITH {_TOTALS}
+        SELECT t.device_id, jsonb_build_object(
                    'skewed_messages', n.messages, 'max_skew_s', round(n.worst, 1),
                    'limit_s', %(limit)s::float8)
-        FROM skewed s CROSS JOIN LATERAL (  -- each skewed device's own rows only
+        FROM totals t CROSS JOIN LATERAL (  -- each skewed device's own rows only
             SELECT count(*) AS messages, max(abs(extract(epoch FROM received_at - ts))) AS worst
             FROM device_messages m
-            WHERE m.device_id = s.device_id AND m.received_at >= %(since)s
+            WHERE m.device_id = t.device_id AND m.received_at >= %(since)s
               AND abs(extract(epoch FROM m.received_at - m.ts)) > %(limit)s) n
-        WHERE n.messages > 0
+        WHERE t.max_skew_s > %(limit)s AND n.messages > 0
         ORDER BY 1
-        """
-        ).format(pieces=_MESSAGE_PIECES),
-        _unreflected_split(conn, now - s.window, "device_messages_1m") | {"limit": s.clock_skew_s},
+        """,  # noqa: S608 - constant SQL
+        ev.message_totals | {"since": ev.since, "limit": ev.settings.clock_skew_s},
     )
 
 
-def _reject_rate(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, dict]]:
+def _reject_rate(ev: Evaluation) -> list[tuple[str, dict]]:
     return _rows(
-        conn,
+        ev.conn,
         """
         WITH by_reason AS (
             SELECT split_part(topic, '/', 2) AS device_id, reason, count(*) AS n
@@ -538,16 +593,14 @@ def _reject_rate(conn, s: HealthSettings, now: dt.datetime) -> list[tuple[str, d
         WHERE r.n::float8 / (r.n + coalesce(g.n, 0)) > %(rate)s
         ORDER BY 1
         """,
-        {"since": now - s.window, "rate": s.reject_rate},
+        {"since": ev.since, "rate": ev.settings.reject_rate},
     )
 
 
-def expiring_certificates(
-    conn: psycopg.Connection, s: HealthSettings, now: dt.datetime
-) -> list[tuple[str, dict]]:
+def expiring_certificates(ev: Evaluation) -> list[tuple[str, dict]]:
     """Devices whose newest valid certificate expires within the window (a renewal clears it)."""
     return _rows(
-        conn,
+        ev.conn,
         """
         SELECT device_id, jsonb_build_object(
                    'not_after', max(not_after),
@@ -559,7 +612,7 @@ def expiring_certificates(
         HAVING max(not_after) <= %(now)s + %(window)s
         ORDER BY 1
         """,
-        {"now": now, "window": s.cert_expiry},
+        {"now": ev.now, "window": ev.settings.cert_expiry},
     )
 
 
@@ -619,19 +672,5 @@ RULES: tuple[Rule, ...] = (
 def evaluate(
     conn: psycopg.Connection, rule: Rule, settings: HealthSettings, now: dt.datetime | None = None
 ) -> RuleResult:
-    """Run one rule; for a device rule, record its outcome for every registered device."""
-    now = now or dt.datetime.now(dt.UTC)
-    failing = dict(rule.query(conn, settings, now))
-    if rule.scope == "platform":
-        return RuleResult(rule.name, rule.severity, failing, 1)
-    devices = [row[0] for row in conn.execute("SELECT device_id FROM devices")]
-    statuses = [rule.severity if d in failing else "ok" for d in devices]
-    details = [Jsonb(failing.get(d, {})) for d in devices]
-    with conn.transaction():
-        conn.execute(
-            """INSERT INTO device_health (checked_at, device_id, check_name, status, detail)
-               SELECT %s, d, %s, s, x
-               FROM unnest(%s::text[], %s::text[], %s::jsonb[]) AS u(d, s, x)""",
-            [now, rule.name, devices, statuses, details],
-        )
-    return RuleResult(rule.name, rule.severity, failing, len(devices))
+    """Run one rule on its own (``Evaluation.run`` runs several on one clock)."""
+    return Evaluation(conn, settings, now or dt.datetime.now(dt.UTC)).run(rule)

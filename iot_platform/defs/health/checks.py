@@ -11,7 +11,8 @@ import dagster as dg
 
 from iot_platform.defs.keys import TELEMETRY
 from iot_platform.defs.resources import WarehouseResource
-from iot_platform.health import RULES, HealthSettings, evaluate
+from iot_platform.health import RULES, Evaluation, HealthSettings
+from iot_platform.pki import utcnow
 
 
 @dg.multi_asset_check(
@@ -24,8 +25,9 @@ from iot_platform.health import RULES, HealthSettings, evaluate
 def device_health_checks(warehouse: WarehouseResource):
     settings = HealthSettings.from_env()
     with warehouse.connect() as conn:
+        evaluation = Evaluation(conn, settings, utcnow())  # one clock for every rule
         for rule in RULES:
-            result = evaluate(conn, rule, settings)
+            result = evaluation.run(rule)
             severity = (
                 dg.AssetCheckSeverity.ERROR
                 if rule.severity == "error"

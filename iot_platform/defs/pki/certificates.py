@@ -12,7 +12,7 @@ from iot_platform.defs.keys import CRL, DEVICE_CERTIFICATES
 from iot_platform.defs.pki.enrollment import publish_to_broker
 from iot_platform.defs.resources import BrokerControlResource, PKIResource, WarehouseResource
 from iot_platform.enrollment import publish_crl
-from iot_platform.health import HealthSettings, expiring_certificates
+from iot_platform.health import Evaluation, HealthSettings, expiring_certificates
 from iot_platform.pki import utcnow
 from iot_platform.pki_runs import PKI_JOB_TAGS
 from iot_platform.settings import CRL_REFRESH_HOURS
@@ -123,7 +123,7 @@ def _failing_devices_result(rows: list[tuple], what: str) -> dg.AssetCheckResult
 )
 def certificates_expiring_soon(warehouse: WarehouseResource) -> dg.AssetCheckResult:
     with warehouse.connect() as conn:
-        failing = expiring_certificates(conn, HealthSettings.from_env(), utcnow())
+        failing = expiring_certificates(Evaluation(conn, HealthSettings.from_env(), utcnow()))
     return _failing_devices_result(
         [(device, detail["not_after"]) for device, detail in failing], "not_after"
     )
