@@ -25,7 +25,10 @@ READY = "IoT platform is up"
 
 
 class EmbeddedStack:
-    def __init__(self, prefix: str, **overrides: str) -> None:
+    """``bindir``: PostgreSQL server binaries for the warehouse (IOT_PG_BINDIR), e.g. a
+    TimescaleDB build (README: TimescaleDB); default the system's."""
+
+    def __init__(self, prefix: str, *, bindir: Path | None = None, **overrides: str) -> None:
         self.home = Path(tempfile.mkdtemp(prefix=f"iot-bench-{prefix}-"))
         self.home.chmod(0o755)  # PostgreSQL runs as user `postgres` when started as root
         env = {k: v for k, v in os.environ.items() if not k.startswith(("IOT_", "INGEST_"))}
@@ -38,6 +41,8 @@ class EmbeddedStack:
             INGEST_METRICS_PORT=str(free_port()),
             IOT_SIMULATOR_DEVICES="0",
         )
+        if bindir is not None:
+            env["IOT_PG_BINDIR"] = str(bindir)
         env.update(overrides)
         self.env = env
         self.proc: subprocess.Popen[str] | None = None
@@ -96,6 +101,12 @@ class EmbeddedStack:
     @property
     def dagster_url(self) -> str:
         return f"http://127.0.0.1:{self.env['IOT_DAGSTER_PORT']}"
+
+    def dialect(self) -> str:
+        """What the warehouse runs on: ``timescaledb`` or ``postgresql``."""
+        with psycopg.connect(self.conninfo) as conn:
+            row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'")
+            return "timescaledb" if row.fetchone() else "postgresql"
 
     def register_devices(self, device_ids: list[str]) -> None:
         """Registry rows and a real client certificate (CN = device id) for each device."""

@@ -7,6 +7,7 @@ to see when each measurement becomes queryable. Progress goes to stderr; the las
 line is JSON: p50_s, p95_s, max_s, published, loaded.
 
     .venv/bin/python bench/latency.py [--devices 5] [--duration 180] [--interval 1]
+        [--bindir /path/to/postgresql/bin]
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=5)
     parser.add_argument("--duration", type=float, default=180.0, help="seconds of publishing")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between messages")
+    parser.add_argument("--bindir", type=Path, default=None, help="PostgreSQL server binaries")
     args = parser.parse_args()
 
-    stack = EmbeddedStack("latency")
+    stack = EmbeddedStack("latency", bindir=args.bindir)
     try:
         progress("starting the embedded stack")
         stack.start()
@@ -91,6 +93,7 @@ def main() -> int:
             "loaded": len(seen),
             "devices": args.devices,
             "duration_s": args.duration,
+            "dialect": stack.dialect(),
         }
         print(json.dumps(result))
         return 0

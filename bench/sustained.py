@@ -17,6 +17,9 @@ publishers, this script's line writer and the optional busy loops.
     .venv/bin/python bench/sustained.py --rate 2000 --duration 300 --busy 2
     .venv/bin/python bench/sustained.py --find-max --rate 2000 --step 2000 --duration 120
 
+``--bindir`` runs the warehouse on other PostgreSQL server binaries (IOT_PG_BINDIR), e.g.
+a TimescaleDB build.
+
 Progress goes to stderr; the last stdout line is one JSON object.
 """
 
@@ -453,9 +456,10 @@ def main() -> int:
     parser.add_argument("--find-max", action="store_true", help="step the rate up")
     parser.add_argument("--step", type=float, default=2000, help="rate step for --find-max")
     parser.add_argument("--keep-home", action="store_true", help="keep logs and state")
+    parser.add_argument("--bindir", type=Path, default=None, help="PostgreSQL server binaries")
     args = parser.parse_args()
 
-    stack = EmbeddedStack("sustained")
+    stack = EmbeddedStack("sustained", bindir=args.bindir)
     monitor = RunMonitor(stack.dagster_url)
     try:
         progress("starting the embedded stack")
@@ -474,7 +478,7 @@ def main() -> int:
                 busy=args.busy,
                 drain_timeout=args.drain_timeout,
             )
-            print(json.dumps(result))
+            print(json.dumps(result | {"dialect": stack.dialect()}))
             return 0
         steps, rate, best = [], args.rate, None
         while True:
@@ -493,7 +497,9 @@ def main() -> int:
                 break
             best = rate
             rate += args.step
-        print(json.dumps({"max_sustained_msgs_s": best, "steps": steps}))
+        print(
+            json.dumps({"max_sustained_msgs_s": best, "steps": steps, "dialect": stack.dialect()})
+        )
         return 0
     finally:
         monitor.stop()
