@@ -22,10 +22,7 @@ import argparse
 import datetime as dt
 import json
 import random
-import secrets
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,12 +31,13 @@ import psycopg
 
 from iot_platform.objectstore import LocalDirectoryStore
 from iot_platform.rawbatch import encode_batch
-from iot_platform.services.postgres import PostgresServer
-from iot_platform.services.process import free_port
 from iot_platform.settings import WAREHOUSE_DIALECTS
 from iot_platform.warehouse.aggregates import ROLLUPS, refresh
 from iot_platform.warehouse.load import copy_binary, known_devices, load_objects, load_parameters
 from iot_platform.warehouse.migrations import Dialect, migrate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scratch import scratch_warehouse
 
 METRICS = ["voltage_dc", "current_dc", "power_dc", "energy", "temperature", "frequency"]
 BATCH_ENVELOPES = 20_000
@@ -101,22 +99,12 @@ def main() -> int:
     parser.add_argument("--dialect", choices=WAREHOUSE_DIALECTS, default="auto")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="iot-bench-pipeline-"))
-    work.chmod(0o755)  # PostgreSQL runs as user postgres when we are root
-    server = PostgresServer(
-        work / "pg",
-        port=free_port(),
-        password=secrets.token_urlsafe(16),
-        bindir=args.bindir,
-        dialect=args.dialect,
-    )
-    try:
-        server.start()
-        server.ensure_database("bench")
+    scratch = scratch_warehouse("pipeline", bindir=args.bindir, dialect=args.dialect)
+    with scratch as (work, conninfo):
         store = LocalDirectoryStore(work / "objects")
         progress("generating raw batches")
         keys = generate(store, args.devices, args.envelopes, args.measurements)
-        with psycopg.connect(server.conninfo("bench")) as conn:
+        with psycopg.connect(conninfo) as conn:
             dialect, _ = migrate(conn, args.dialect)
             conn.execute(
                 "INSERT INTO devices (device_id) SELECT 'bench-' || lpad(g::text, 5, '0')"
@@ -175,9 +163,6 @@ def main() -> int:
         }
         print(json.dumps(result))
         return 0
-    finally:
-        server.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
