@@ -209,12 +209,18 @@ class Evaluation:
         columns = ("device", "messages", "distinct_seq", "span", "overlapping", "max_skew")
         return {name: [row[i] for row in rows] for i, name in enumerate(columns)}
 
+    @cached_property
+    def devices(self) -> list[str]:
+        """The registered devices, read once: every device rule records an outcome for
+        each, and all of them for the same devices."""
+        return [row[0] for row in self.conn.execute("SELECT device_id FROM devices")]
+
     def run(self, rule: Rule) -> RuleResult:
         """Run one rule; for a device rule, record its outcome for every registered device."""
         failing = dict(rule.query(self))
         if rule.scope == "platform":
             return RuleResult(rule.name, rule.severity, failing, 1)
-        devices = [row[0] for row in self.conn.execute("SELECT device_id FROM devices")]
+        devices = self.devices
         statuses = [rule.severity if d in failing else "ok" for d in devices]
         details = [Jsonb(failing.get(d, {})) for d in devices]
         with self.conn.transaction():
